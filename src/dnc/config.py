@@ -1,0 +1,256 @@
+"""Typed experiment configuration: YAML files with ``_base_`` inheritance and ``key=value`` overrides.
+
+A config file is a YAML mapping whose keys mirror the dataclasses below. ``_base_`` names one file or
+a list of files (relative to the including file) that are merged first, later ones winning; mappings
+merge key by key, everything else is replaced. Unknown keys, wrong types and invalid choices are
+reported as one line naming the key and the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+__all__ = ["ConfigError", "Config", "load_config", "to_dict", "from_dict", "PACKAGE_CONFIGS"]
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line."""
+
+
+def _choice(default, *choices):
+    return field(default=default, metadata={"choices": (default, *choices)})
+
+
+@dataclass
+class DNCConfig:
+    """The sub-centroid head (see ALGORITHM.md)."""
+    num_subcentroids: int = 4
+    feat_norm: bool = True
+    calibration: str = _choice("temperature", "layernorm")
+    temperature: float = 0.1
+    momentum: float = 0.999
+    sinkhorn_eps: float = 0.05
+    sinkhorn_iters: int = 3
+    correct_only: bool = True
+    memory_size: int = 0
+    update_interval: int = 1
+    max_per_class: int = 0
+    init: str = _choice("random", "kmeans++")
+    init_samples: int = 10000
+    contrast_weight: float = 0.0
+    compact_weight: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    backbone_kwargs: dict = field(default_factory=dict)
+    pretrained: Optional[str] = None
+    head: str = _choice("dnc", "linear")
+    dnc: DNCConfig = field(default_factory=DNCConfig)
+    # segmentation only
+    decoder: str = _choice("fcn", "deeplabv3", "upernet")
+    decoder_channels: int = 512
+    output_stride: int = 8
+    aux_weight: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _choice("digits", "cifar10", "cifar100", "imagefolder", "ade20k", "cityscapes", "camvid", "folder")
+    root: Optional[str] = None
+    num_classes: int = 10
+    holdout: int = 0
+    dataset_kwargs: dict = field(default_factory=dict)
+    batch_size: int = 32
+    eval_batch_size: int = 0
+    num_workers: int = 2
+    on_bad_sample: str = _choice("error", "skip")
+    check_labels: bool = True
+    # classification transforms
+    preset: str = _choice("none", "digits", "cifar", "imagenet", "swin")
+    img_size: Optional[int] = None
+    # segmentation transforms and evaluation
+    crop_size: list = field(default_factory=lambda: [512, 512])
+    scale: Optional[list] = field(default_factory=lambda: [2048, 512])
+    ratio_range: list = field(default_factory=lambda: [0.5, 2.0])
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
+    eval_mode: str = _choice("whole", "slide")
+    eval_crop: Optional[list] = None
+    eval_stride: Optional[list] = None
+    eval_scales: list = field(default_factory=lambda: [1.0])
+    eval_flip: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = _choice("sgd", "adamw")
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    no_decay_norm_bias: bool = False
+    no_decay_keys: list = field(default_factory=list)
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class SchedConfig:
+    name: str = _choice("constant", "step", "exp", "cosine", "poly")
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
+    power: float = 0.9
+    min_lr_ratio: float = 0.0
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-3
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 0
+    iters: int = 0
+    amp: str = _choice("none", "bf16", "fp16")
+    channels_last: bool = False
+    device: str = _choice("auto", "cpu", "cuda")
+    seed: int = 0
+    deterministic: bool = False
+    eval_interval: int = 1
+    log_interval: int = 20
+    stop_after: int = 0
+
+
+@dataclass
+class Config:
+    task: str = _choice("classification", "segmentation")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        t = self.train
+        if (t.epochs > 0) == (t.iters > 0):
+            raise ConfigError(f"set exactly one of train.epochs and train.iters (got {t.epochs} and {t.iters})")
+        for key, value in (("data.batch_size", self.data.batch_size), ("data.num_classes", self.data.num_classes),
+                           ("model.dnc.num_subcentroids", self.model.dnc.num_subcentroids),
+                           ("model.dnc.update_interval", self.model.dnc.update_interval)):
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if not 0 <= self.model.dnc.momentum < 1:
+            raise ConfigError(f"model.dnc.momentum must be in [0, 1), got {self.model.dnc.momentum}")
+        return self
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read(path: Path, seen: tuple = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular _base_ inheritance")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+    bases = data.pop("_base_", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, _read(path.parent / base, seen + (path.resolve(),)))
+    return _merge(merged, data)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = {int: int, float: float, bool: bool, str: str, list: list, dict: dict}[tp]
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"key '{key}' expects {expected.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict, checking keys, types and choices."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"key '{prefix.rstrip('.')}' expects a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = prefix + key
+        if key not in fields:
+            raise ConfigError(f"unknown key '{name}'; valid keys: {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, name + ".")
+            continue
+        value = _coerce(value, tp, name)
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"key '{name}' got {value!r}; valid choices: {', '.join(map(str, choices))}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _override(data: dict, item: str) -> dict:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    node: dict = {}
+    out = node
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+    return _merge(data, out)
+
+
+def resolve_config_path(path: str) -> Path:
+    """A config path as given, or else relative to the configs shipped in the package."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (PACKAGE_CONFIGS / path, PACKAGE_CONFIGS / Path(path).relative_to("configs")
+                      if Path(path).parts[:1] == ("configs",) else None):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    return p
+
+
+def load_config(path: str, overrides: tuple = ()) -> Config:
+    """Load a YAML config (with ``_base_`` files) and apply ``key=value`` overrides."""
+    data = _read(resolve_config_path(path))
+    for item in overrides:
+        data = _override(data, item)
+    return from_dict(Config, data).validate()

@@ -1,0 +1,419 @@
+"""Training loop, evaluation loop, checkpoints, distributed set-up and logging.
+
+A plain loop in the style of torchvision's reference scripts. One process per device; under
+``torchrun`` the process group is initialised from the environment (NCCL on GPUs, gloo on CPUs).
+Resuming is exact: the data order and every augmentation are functions of (seed, epoch, sample), and
+the checkpoint holds the model (sub-centroids, memory and step counters included), optimiser,
+schedule, loss scaler, RNG states and the position inside the epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .config import Config, to_dict
+
+__all__ = ["DistInfo", "setup_distributed", "EpochSampler", "SeededDataset", "make_loader", "build_optimizer",
+           "build_scheduler", "save_checkpoint", "load_checkpoint", "CheckpointError", "TrainingError", "train_loop",
+           "JsonLogger", "unwrap"]
+
+CHECKPOINT_FORMAT = "dnc-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, reported as one line."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss), reported as one line."""
+
+
+# --------------------------------------------------------------------------------------------- distributed
+@dataclass
+class DistInfo:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Initialise ``torch.distributed`` from torchrun's environment when it names several processes."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    return DistInfo(rank, world, dev)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _all_reduce_max(flag: bool, device: torch.device) -> bool:
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# --------------------------------------------------------------------------------------------- data
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` keys for this process.
+
+    Training: a permutation drawn from (seed, epoch), cut to a multiple of the number of processes and
+    dealt round-robin, so every process has the same number of samples. Evaluation (``shuffle=False``):
+    samples ``rank, rank + world, ...`` without padding, so every sample is counted exactly once.
+    ``start`` skips the first samples of this process's share (resuming inside an epoch).
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
+        self.size, self.shuffle, self.seed, self.rank, self.world = size, shuffle, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def _indices(self) -> list:
+        if not self.shuffle:
+            return list(range(self.rank, self.size, self.world))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.size, generator=g)[: self.size - self.size % self.world]
+        return perm[self.rank:: self.world].tolist()
+
+    def __iter__(self) -> Iterator:
+        return iter([(self.epoch, i) for i in self._indices()[self.start:]])
+
+    def __len__(self) -> int:
+        return len(self._indices()) - self.start
+
+
+class SeededDataset(Dataset):
+    """Seeds the random transforms of each sample from (seed, epoch, index): augmentations do not
+    depend on worker count, worker order or where a run was resumed."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63))
+            return self.dataset[index]
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, info: DistInfo, seed: int, num_workers: int,
+                collate_fn: Callable) -> DataLoader:
+    sampler = EpochSampler(len(dataset), shuffle, seed, info.rank, info.world)
+    return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_fn, drop_last=shuffle, pin_memory=info.device.type == "cuda",
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------- optimisation
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """SGD or AdamW; optionally no weight decay on norms, biases and parameters named in ``no_decay_keys``."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = (cfg.no_decay_norm_bias and p.ndim <= 1) or any(k in name for k in cfg.no_decay_keys)
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_factor(cfg, it: int, total: int, iters_per_epoch: int) -> float:
+    """Learning-rate multiplier at iteration ``it`` (milestones and exp decay count epochs)."""
+    epoch = it // max(iters_per_epoch, 1)
+    if cfg.name == "constant":
+        f = 1.0
+    elif cfg.name == "step":
+        f = cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    elif cfg.name == "exp":
+        f = cfg.gamma ** epoch
+    elif cfg.name == "cosine":
+        t = min(max(it - cfg.warmup_iters, 0) / max(total - cfg.warmup_iters, 1), 1.0)
+        f = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    else:  # poly
+        f = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 - min(it / max(total, 1), 1.0)) ** cfg.power
+    if it < cfg.warmup_iters:
+        f *= cfg.warmup_ratio + (1 - cfg.warmup_ratio) * it / cfg.warmup_iters
+    return f
+
+
+def build_scheduler(optimizer, cfg, total: int, iters_per_epoch: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it, total, iters_per_epoch))
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a temporary file in the same folder, flushed, then renamed over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a ``dnc`` checkpoint without unpickling arbitrary objects (``weights_only``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint not found")
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, foreign or tampered files all end here
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{p}: not a readable dnc checkpoint (truncated or foreign file?): {msg}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{p}: not a dnc checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    return state
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------- logging
+class JsonLogger:
+    """One JSON object per line in ``log.jsonl`` (rank 0 only)."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+
+    def __call__(self, **record) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a request to save a resumable checkpoint and leave."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# --------------------------------------------------------------------------------------------- the loop
+@dataclass
+class TrainState:
+    it: int = 0           # optimisation steps done
+    epoch: int = 0        # current epoch
+    epoch_it: int = 0     # steps done inside the current epoch
+    best: Optional[float] = None
+
+
+def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: DistInfo, work_dir: Path,
+               evaluate: Callable[[nn.Module], dict], metric_key: str, resume: Optional[str] = None,
+               classes: Optional[list] = None, before_training: Optional[Callable[[nn.Module], None]] = None) -> dict:
+    """Train ``model`` as ``cfg`` says; returns the final evaluation metrics.
+
+    ``evaluate(model)`` runs on every process and returns the same metrics dict on each.
+    """
+    t = cfg.train
+    iters_per_epoch = len(train_loader)
+    if iters_per_epoch == 0:
+        raise TrainingError(f"the training set is smaller than one batch ({cfg.data.batch_size} x {info.world} processes)")
+    total = t.iters if t.iters else t.epochs * iters_per_epoch
+    model.to(info.device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.sched, total, iters_per_epoch)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=t.amp == "fp16")
+    state = TrainState()
+    log = JsonLogger(work_dir / "log.jsonl" if info.is_main else None)
+    if resume:
+        ckpt = load_checkpoint(resume)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = TrainState(**ckpt["train_state"])
+        _set_rng_state(ckpt["rng"])
+        log(mode="resume", checkpoint=str(resume), iter=state.it, epoch=state.epoch)
+    elif before_training is not None:
+        before_training(model)
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if info.world > 1 else model
+    amp = torch.autocast(info.device.type, dtype=torch.bfloat16 if t.amp == "bf16" else torch.float16) \
+        if t.amp != "none" else nullcontext()
+
+    def checkpoint(name: str = "last.pt", metrics: Optional[dict] = None) -> None:
+        if info.is_main:
+            save_checkpoint(work_dir / name, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "train_state": vars(state).copy(), "rng": _rng_state(), "config": to_dict(cfg),
+                "classes": list(classes or []), "metrics": metrics or {}})
+        if dist.is_initialized():
+            dist.barrier()
+
+    def run_eval() -> dict:
+        metrics = evaluate(model)
+        if info.is_main:
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"epoch {state.epoch} iter {state.it}/{total}: {shown}", flush=True)
+        log(mode="val", iter=state.it, epoch=state.epoch, **{k: v for k, v in metrics.items() if not isinstance(v, list)})
+        value = metrics.get(metric_key)
+        if value is not None and (state.best is None or value > state.best):
+            state.best = value
+            checkpoint("best.pt", metrics)
+        return metrics
+
+    sampler: EpochSampler = train_loader.sampler
+    stop = _StopRequest()
+    metrics: dict = {}
+    run_steps = 0
+    bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
+    sums: dict = {}
+    progress = _progress(total, state.it, info.is_main)
+    with stop:
+        while state.it < total:
+            sampler.epoch, sampler.start = state.epoch, state.epoch_it * cfg.data.batch_size
+            ddp.train()
+            for images, targets, skipped in train_loader:
+                images = images.to(info.device, non_blocking=True)
+                targets = targets.to(info.device, non_blocking=True)
+                if t.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with amp:
+                    _, losses = ddp(images, targets)
+                loss = sum(losses.values())
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.optim.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), state.it + 1, bad_step)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                sums["skipped"] = sums.get("skipped", 0) + skipped
+                state.it += 1
+                state.epoch_it += 1
+                run_steps += 1
+                progress.update(1)
+                end = state.it >= total
+                at_log = state.it % t.log_interval == 0 or end
+                if at_log or info.world == 1:  # under DDP the signal check is a collective: only at log steps
+                    if _all_reduce_max(stop.signal is not None, info.device) or (t.stop_after and run_steps >= t.stop_after):
+                        _check_finite(bad_step, state)
+                        checkpoint()
+                        log(mode="stop", iter=state.it, epoch=state.epoch, reason=stop.signal or "stop_after")
+                        progress.close()
+                        return {"stopped": True, "iter": state.it}
+                if at_log:
+                    _check_finite(bad_step, state)
+                    record = {k: (v.item() if torch.is_tensor(v) else v) / (1 if k == "skipped" else t.log_interval)
+                              for k, v in sums.items()}
+                    log(mode="train", iter=state.it, epoch=state.epoch, lr=scheduler.get_last_lr()[0], **record)
+                    progress.set_postfix(loss=f"{sum(v for k, v in record.items() if k != 'skipped'):.4f}")
+                    sums = {}
+                if t.iters and state.it % t.eval_interval == 0 and not end:
+                    metrics = run_eval()
+                    checkpoint(metrics=metrics)
+                    ddp.train()
+                if end:
+                    break
+            else:  # the epoch is over
+                state.epoch += 1
+                state.epoch_it = 0
+                if t.epochs and state.epoch % t.eval_interval == 0 and state.it < total:
+                    _check_finite(bad_step, state)
+                    metrics = run_eval()
+                    checkpoint(metrics=metrics)
+                continue
+            break
+    progress.close()
+    _check_finite(bad_step, state)
+    metrics = run_eval()
+    checkpoint(metrics=metrics)
+    return metrics
+
+
+def _check_finite(bad_step: torch.Tensor, state: TrainState) -> None:
+    step = int(bad_step.item())
+    if step >= 0:
+        raise TrainingError(f"non-finite loss at iteration {step} (epoch {state.epoch}); stopped without saving, "
+                            f"the last checkpoint is the last good one")
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, done: int, show: bool):
+    if not show:
+        return _NoProgress()
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, dynamic_ncols=True, desc="train", leave=False)

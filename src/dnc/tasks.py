@@ -1,0 +1,174 @@
+"""What differs between classification and segmentation: datasets, model, evaluation, embeddings.
+
+The engine trains any model whose ``forward(images, targets)`` returns ``(logits, losses)``; this
+module builds those pieces from a :class:`~dnc.config.Config`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config, ConfigError
+from .engine import DistInfo, make_loader, unwrap
+
+__all__ = ["build_model", "build_datasets", "build_eval_loader", "evaluate", "metric_key", "head_kwargs",
+           "collate_fn", "init_centroids_from_data"]
+
+
+def head_kwargs(cfg: Config) -> dict:
+    """Keyword arguments of the head (the DNC options, or none for the linear head)."""
+    if cfg.model.head != "dnc":
+        return {}
+    d = cfg.model.dnc
+    return dict(num_subcentroids=d.num_subcentroids, feat_norm=d.feat_norm, calibration=d.calibration,
+                temperature=d.temperature, contrast_weight=d.contrast_weight, compact_weight=d.compact_weight,
+                momentum=d.momentum, sinkhorn_eps=d.sinkhorn_eps, sinkhorn_iters=d.sinkhorn_iters,
+                correct_only=d.correct_only, memory_size=d.memory_size, update_interval=d.update_interval,
+                max_per_class=d.max_per_class)
+
+
+def build_model(cfg: Config, pretrained: Optional[str] = None) -> nn.Module:
+    m = cfg.model
+    weights = m.pretrained if pretrained is None else pretrained
+    if cfg.task == "classification":
+        from .models.classifier import Classifier
+        return Classifier(m.backbone, cfg.data.num_classes, m.head, weights, m.backbone_kwargs, head_kwargs(cfg))
+    from .models.segmenter import Segmenter
+    return Segmenter(m.backbone, cfg.data.num_classes, m.decoder, m.head, weights, m.backbone_kwargs,
+                     head_kwargs(cfg), m.decoder_channels, m.output_stride, m.aux_weight)
+
+
+def metric_key(cfg: Config) -> str:
+    return "top1" if cfg.task == "classification" else "mIoU"
+
+
+def collate_fn(cfg: Config, train: bool):
+    if cfg.task == "classification":
+        from .data.classification import collate
+        return collate
+    from .data.segmentation import seg_collate
+    return seg_collate
+
+
+def build_datasets(cfg: Config, splits=("train", "val")) -> tuple:
+    """``({split: dataset}, classes)``, with the labels checked against ``data.num_classes``."""
+    d = cfg.data
+    out = {}
+    for split in splits:
+        train = split == "train"
+        if cfg.task == "classification":
+            from .data.classification import build_cls_dataset, check_labels
+            from .data.transforms import build_cls_transform
+            kw = dict(d.dataset_kwargs)
+            if d.holdout:
+                kw["holdout"] = d.holdout
+            if d.dataset == "imagefolder":
+                kw.setdefault("on_bad", d.on_bad_sample)
+            ds = build_cls_dataset(d.dataset, d.root, split, build_cls_transform(d.preset, train, d.img_size), **kw)
+            if d.check_labels:
+                check_labels(ds, d.num_classes, f"{d.dataset}/{split}")
+        else:
+            from .data.seg_transforms import build_seg_transforms
+            from .data.segmentation import build_seg_dataset, check_masks
+            tf = build_seg_transforms(train, crop_size=tuple(d.crop_size), scale=tuple(d.scale) if d.scale else None,
+                                      ratio_range=tuple(d.ratio_range), cat_max_ratio=d.cat_max_ratio,
+                                      photometric=d.photometric)
+            ds = build_seg_dataset(d.dataset, d.root, split, tf, **d.dataset_kwargs)
+            if ds.num_classes != d.num_classes:
+                raise ConfigError(f"dataset {d.dataset} has {ds.num_classes} classes but data.num_classes={d.num_classes}")
+            if d.check_labels:
+                check_masks(ds, num_workers=d.num_workers)
+        out[split] = ds
+    classes = list(getattr(next(iter(out.values())), "classes", [])) if out else []
+    return out, classes
+
+
+def build_eval_loader(cfg: Config, dataset, info: DistInfo):
+    bs = cfg.data.eval_batch_size or (cfg.data.batch_size if cfg.task == "classification" else 1)
+    return make_loader(dataset, bs, False, info, cfg.train.seed, cfg.data.num_workers, collate_fn(cfg, False))
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.train.amp == "none":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, model: nn.Module, loader, info: DistInfo, predictions: bool = False) -> dict:
+    """Metrics over the whole evaluation set, each sample counted once across processes.
+
+    With ``predictions``, classification results also hold ``predictions``: one record per sample
+    (index, label, top-5 classes and their probabilities), gathered from all processes.
+    """
+    model = unwrap(model).eval()
+    if cfg.task == "classification":
+        from .metrics import Accuracy
+        metric = Accuracy(topk=(1, 5), device=info.device)
+        records = []
+        position = 0
+        indices = list(loader.sampler)
+        for images, targets, _ in loader:
+            images, targets = images.to(info.device), targets.to(info.device)
+            with _autocast(cfg, info.device):
+                logits = model(images).float()
+            metric.update(logits, targets)
+            if predictions:
+                prob, top = logits.softmax(1).topk(min(5, logits.shape[1]), dim=1)
+                for i in range(len(targets)):
+                    records.append({"index": indices[position + i][1], "label": int(targets[i]),
+                                    "pred": int(top[i, 0]), "topk": top[i].tolist(),
+                                    "scores": [round(p, 6) for p in prob[i].tolist()]})
+            position += len(targets)
+        result = metric.compute()
+        if predictions:
+            result["predictions"] = sorted(_gather_objects(records), key=lambda r: r["index"])
+        return result
+    from .metrics import SegMetric
+    from .models.seg_inference import seg_inference
+    d = cfg.data
+    metric = SegMetric(cfg.data.num_classes, device=info.device)
+    for images, masks, _ in loader:
+        images, masks = images.to(info.device), masks.to(info.device)
+        with _autocast(cfg, info.device):
+            logits = seg_inference(model, images, cfg.data.num_classes, tuple(masks.shape[-2:]), mode=d.eval_mode,
+                                   crop_size=tuple(d.eval_crop or d.crop_size), stride=tuple(d.eval_stride or d.crop_size),
+                                   scales=tuple(d.eval_scales), flip=d.eval_flip)
+        metric.update(logits.argmax(1), masks)
+    return metric.compute()
+
+
+def _gather_objects(items: list) -> list:
+    if not dist.is_initialized():
+        return items
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+@torch.no_grad()
+def init_centroids_from_data(cfg: Config, model: nn.Module, dataset, info: DistInfo) -> None:
+    """``model.dnc.init = kmeans++``: cluster embeddings of up to ``init_samples`` training samples
+    (pixels for segmentation), computed by the freshly built network, to place the sub-centroids."""
+    net = unwrap(model)
+    if cfg.model.head != "dnc" or cfg.model.dnc.init != "kmeans++":
+        return
+    loader = make_loader(dataset, cfg.data.batch_size, True, info, cfg.train.seed + 1, cfg.data.num_workers,
+                         collate_fn(cfg, True))
+    zs, ys, n = [], [], 0
+    was_training = net.training
+    net.eval()
+    for images, targets, _ in loader:
+        z, y = net.embeddings(images.to(info.device), targets.to(info.device))
+        zs.append(z.float())
+        ys.append(y)
+        n += len(y)
+        if n >= cfg.model.dnc.init_samples:
+            break
+    z, y = torch.cat(zs)[: cfg.model.dnc.init_samples], torch.cat(ys)[: cfg.model.dnc.init_samples]
+    net.train(was_training)
+    net.head_module().centroids.init_from_embeddings(z, y, generator=torch.Generator().manual_seed(cfg.train.seed))

@@ -1,0 +1,163 @@
+"""Invariants of the sub-centroid core (ALGORITHM.md, "Invariants a correct implementation shows")."""
+import torch
+import torch.nn.functional as F
+
+from dnc.centroids import SubCentroids, kmeans_pp, sinkhorn_assign
+from dnc.heads import DNCHead
+
+
+def reference_sinkhorn(scores, eps=0.05, iters=3):
+    """SwAV / ProtoSeg ``distributed_sinkhorn`` for one class, written as in the papers."""
+    q = torch.exp(scores.double() / eps).t()  # K x N
+    q /= q.sum()
+    k, n = q.shape
+    for _ in range(iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n
+    return q.t().argmax(1)
+
+
+def reference_update(centroids, z, labels, correct, momentum, eps=0.05, iters=3):
+    """A straightforward per-class loop of one clustering step."""
+    p = centroids.clone()
+    for c in range(p.shape[0]):
+        idx = (labels == c).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        assign = reference_sinkhorn(z[idx] @ p[c].t(), eps, iters)
+        for k in range(p.shape[1]):
+            sel = idx[(assign == k) & correct[idx]]
+            if sel.numel():
+                f = F.normalize(z[sel].sum(0), dim=0)
+                p[c, k] = F.normalize(momentum * p[c, k] + (1 - momentum) * f, dim=0)
+    return p
+
+
+def test_vectorised_step_equals_per_class_loop():
+    torch.manual_seed(0)
+    c, k, d, n = 7, 4, 16, 300
+    sc = SubCentroids(c, d, k, momentum=0.9)
+    z = F.normalize(torch.randn(n, d), dim=1)
+    labels = torch.randint(0, c - 1, (n,))  # the last class is absent
+    correct = torch.rand(n) > 0.3
+    expected = reference_update(sc.centroids, z, labels, correct, 0.9)
+    sc.update(z, labels, correct)
+    torch.testing.assert_close(sc.centroids, expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_sinkhorn_matches_reference_and_is_balanced():
+    torch.manual_seed(1)
+    groups = torch.randint(0, 5, (400,))
+    scores = torch.rand(400, 4) * 2 - 1
+    got = sinkhorn_assign(scores, groups, 5)
+    for g in range(5):
+        m = groups == g
+        assert torch.equal(got[m], reference_sinkhorn(scores[m]))
+    # Strongly skewed similarities (every sample prefers sub-centroid 0) still spread over all four.
+    skewed = torch.rand(400, 4) * 0.1
+    skewed[:, 0] += 0.5
+    counts = torch.bincount(sinkhorn_assign(skewed, torch.zeros(400, dtype=torch.long), 1, iters=10), minlength=4)
+    assert counts.min() >= 70, counts
+
+
+def test_planted_subclusters_are_recovered():
+    torch.manual_seed(2)
+    c, k, d = 3, 4, 32
+    means = F.normalize(torch.randn(c, k, d), dim=-1)
+    sc = SubCentroids(c, d, k, momentum=0.5)
+    for _ in range(60):
+        labels = torch.arange(c).repeat_interleave(k * 16)
+        sub = torch.arange(k).repeat_interleave(16).repeat(c)
+        z = F.normalize(means[labels, sub] + 0.05 * torch.randn(labels.numel(), d), dim=1)
+        assign = sc.update(z, labels, torch.ones_like(labels, dtype=torch.bool))
+    # Each planted sub-cluster maps onto exactly one sub-centroid, and the sub-centroids sit on the means.
+    for cls in range(c):
+        a = assign[labels == cls].view(k, 16)
+        assert all(len(row.unique()) == 1 for row in a)
+        assert len(a[:, 0].unique()) == k
+    cos = torch.einsum("ckd,cjd->ckj", sc.centroids, means).amax(-1)
+    assert cos.min() > 0.99, cos
+
+
+def test_unit_norm_no_grad_and_state_dict_roundtrip():
+    torch.manual_seed(3)
+    head = DNCHead(8, 5, num_subcentroids=3, memory_size=16, update_interval=2).train()
+    x = torch.randn(6, 8, requires_grad=True)
+    y = torch.randint(0, 5, (6,))
+    for _ in range(3):
+        logits, _ = head(x, y)
+        F.cross_entropy(logits, y).backward()
+    p = head.centroids.centroids
+    assert not p.requires_grad and p.grad is None
+    torch.testing.assert_close(p.norm(dim=-1), torch.ones(5, 3))
+    assert set(head.state_dict()) >= {"centroids.centroids", "centroids.memory_z", "centroids.memory_y",
+                                      "centroids.memory_ptr", "centroids._extra_state"}
+    other = DNCHead(8, 5, num_subcentroids=3, memory_size=16, update_interval=2)
+    other.load_state_dict(head.state_dict())
+    assert other.centroids.steps == 3
+    assert torch.equal(other.centroids.centroids, p) and torch.equal(other.centroids.memory_z, head.centroids.memory_z)
+
+
+def test_degenerate_inputs_give_finite_results():
+    c, k, d = 4, 4, 8
+    cases = {
+        "one sample": (F.normalize(torch.randn(1, d), dim=1), torch.tensor([2])),
+        "identical embeddings": (F.normalize(torch.ones(10, d), dim=1), torch.full((10,), 1)),
+        "no valid sample": (F.normalize(torch.randn(5, d), dim=1), torch.full((5,), -1)),
+        "bf16": (F.normalize(torch.randn(50, d), dim=1).bfloat16(), torch.randint(0, c, (50,))),
+        "empty batch": (torch.zeros(0, d), torch.zeros(0, dtype=torch.long)),
+    }
+    for name, (z, y) in cases.items():
+        sc = SubCentroids(c, d, k, momentum=0.5)
+        sims = sc.similarities(z)
+        assign = sc.update(z, y, torch.ones_like(y, dtype=torch.bool), sims)
+        assert torch.isfinite(sc.centroids).all(), name
+        torch.testing.assert_close(sc.centroids.norm(dim=-1), torch.ones(c, k), msg=name)
+        assert ((assign >= -1) & (assign < k)).all(), name
+
+
+def test_memory_fifo_and_update_interval():
+    sc = SubCentroids(3, 4, 2, momentum=0.5, memory_size=5, update_interval=3)
+    start = sc.centroids.clone()
+    for step in range(1, 4):
+        z = F.normalize(torch.randn(2, 4), dim=1)
+        sc.update(z, torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool))
+        if step < 3:
+            assert torch.equal(sc.centroids, start), "sub-centroids move only when an update fires"
+    assert not torch.equal(sc.centroids, start)
+    assert sc.memory_ptr.item() == 1 and (sc.memory_y >= 0).all()  # 6 pushed into 5 slots
+    torch.testing.assert_close(sc.memory_z[0], z[1])
+
+
+def test_pixel_cap_limits_samples_per_class():
+    torch.manual_seed(4)
+    sc = SubCentroids(2, 4, 2, max_per_class=10)
+    labels = torch.cat([torch.zeros(100), torch.ones(5), torch.full((7,), -1)]).long()
+    assign = sc.update(F.normalize(torch.randn(112, 4), dim=1), labels, torch.ones(112, dtype=torch.bool))
+    assert (assign[:100] >= 0).sum() == 10 and (assign[100:105] >= 0).all() and (assign[105:] == -1).all()
+
+
+def test_kmeans_pp_finds_planted_centers():
+    torch.manual_seed(5)
+    means = F.normalize(torch.randn(3, 2, 16), dim=-1)
+    labels = torch.arange(3).repeat_interleave(40)
+    sub = torch.arange(2).repeat_interleave(20).repeat(3)
+    z = F.normalize(means[labels, sub] + 0.02 * torch.randn(120, 16), dim=1)
+    centers, found = kmeans_pp(z, labels, 4, 2, generator=torch.Generator().manual_seed(0))
+    assert found.tolist() == [True, True, True, False]
+    cos = torch.einsum("ckd,cjd->ckj", centers[:3], means).amax(-1)
+    assert cos.min() > 0.99
+
+
+def test_aux_losses_use_the_assigned_subcentroid():
+    torch.manual_seed(6)
+    head = DNCHead(8, 3, num_subcentroids=2, contrast_weight=0.01, compact_weight=0.001).train()
+    x = torch.randn(20, 8, requires_grad=True)
+    y = torch.randint(0, 3, (20,))
+    y[:4] = -1
+    _, losses = head(x, y)
+    assert set(losses) == {"contrast", "compact"}
+    sum(losses.values()).backward()
+    assert torch.isfinite(x.grad).all() and x.grad[:4].abs().sum() == 0  # ignored samples get no gradient
