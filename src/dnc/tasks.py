@@ -50,8 +50,14 @@ def collate_fn(cfg: Config, train: bool):
     if cfg.task == "classification":
         from .data.classification import collate
         return collate
-    from .data.segmentation import seg_collate
-    return seg_collate
+    from .data.seg_transforms import seg_collate
+    return _with_no_skips(seg_collate)
+
+
+def _with_no_skips(collate):
+    def wrapped(batch):
+        return (*collate(batch), 0)
+    return wrapped
 
 
 def build_datasets(cfg: Config, splits=("train", "val")) -> tuple:

@@ -82,9 +82,10 @@ def read_state_dict(path: str) -> dict:
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not tensors:
         raise ValueError(f"{path}: no state dict of tensors found")
-    return obj
+    return tensors
 
 
 def _strip(key: str) -> str:
