@@ -142,7 +142,8 @@ def evaluate(cfg: Config, model: nn.Module, loader, info: DistInfo, predictions:
         images, masks = images.to(info.device), masks.to(info.device)
         with _autocast(cfg, info.device):
             logits = seg_inference(model, images, cfg.data.num_classes, tuple(masks.shape[-2:]), mode=d.eval_mode,
-                                   crop_size=tuple(d.eval_crop or d.crop_size), stride=tuple(d.eval_stride or d.crop_size),
+                                   crop_size=tuple(d.eval_crop or d.crop_size),
+                                   stride=tuple(d.eval_stride) if d.eval_stride else None,
                                    scales=tuple(d.eval_scales), flip=d.eval_flip)
         metric.update(logits.argmax(1), masks)
     return metric.compute()
