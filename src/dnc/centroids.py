@@ -55,20 +55,22 @@ def sinkhorn_assign(scores: torch.Tensor, groups: torch.Tensor, num_groups: int,
         ``(N,)`` int64 index of the assigned sub-centroid.
     """
     k = scores.shape[1]
+    # In log space, so that no entry under- or overflows whatever eps and the scores (with
+    # Q = exp(x), a small eps sends whole columns, e.g. an unused sub-centroid's, below e^-88, where
+    # they lose their order). The constant factors 1/K and 1/N_c of the marginals cancel in the next
+    # normalisation and do not change the argmax, so each step simply equalises the sums.
     x = scores.float() / eps
-    # A per-group shift keeps exp() in range; it cancels in the first sub-centroid normalisation.
-    shift = x.new_full((num_groups,), float("-inf")).scatter_reduce(0, groups, x.amax(1), "amax")
-    _all_reduce(shift, dist.ReduceOp.MAX if _world_size() > 1 else None)
-    # Entries more than e^-80 below their group's largest cannot matter; clamping keeps them finite.
-    q = torch.exp((x - shift[groups, None]).clamp_min(-80.0))
-    tiny = torch.finfo(q.dtype).tiny
-    # The constant factors 1/K and 1/N_c of the marginals cancel in the next normalisation and do not
-    # change the argmax, so each step simply equalises the sums.
+    index = groups[:, None].expand(-1, k)
     for _ in range(iters):
-        mass = _all_reduce(q.new_zeros(num_groups, k).index_add_(0, groups, q))
-        q = q / mass[groups].clamp_min(tiny)
-        q = q / q.sum(1, keepdim=True).clamp_min(tiny)
-    return q.argmax(1)
+        # Sub-centroid step: x -= log(sum of exp(x) over the group's samples), stabilised by the max.
+        top = _all_reduce(x.new_full((num_groups, k), float("-inf")).scatter_reduce(0, index, x, "amax"),
+                          dist.ReduceOp.MAX if _world_size() > 1 else None)
+        top = torch.where(torch.isfinite(top), top, 0.0)  # groups without samples
+        mass = _all_reduce(x.new_zeros(num_groups, k).index_add_(0, groups, torch.exp(x - top[groups])))
+        x = x - (top + mass.log())[groups]
+        # Sample step: every sample's mass is equalised.
+        x = x - x.logsumexp(1, keepdim=True)
+    return x.argmax(1)
 
 
 @torch.no_grad()
@@ -145,6 +147,7 @@ class SubCentroids(nn.Module):
         self.correct_only, self.update_interval = correct_only, update_interval
         self.memory_size, self.max_per_class = memory_size, max_per_class
         self.steps = 0
+        self.alignment: Optional[torch.Tensor] = None
         self.register_buffer("centroids", F.normalize(torch.randn(num_classes, num_subcentroids, dim), dim=-1))
         if memory_size:
             self.register_buffer("memory_z", torch.zeros(memory_size, dim))
@@ -175,7 +178,7 @@ class SubCentroids(nn.Module):
         if cap > 0:
             perm = torch.randperm(groups.numel(), device=groups.device)
             order = perm[torch.argsort(groups[perm], stable=True)]
-            counts = torch.bincount(groups, minlength=c + 1)
+            counts = groups.new_zeros(c + 1).index_add_(0, groups, torch.ones_like(groups))  # bincount syncs on CUDA
             start = torch.cumsum(counts, 0) - counts
             rank = torch.empty_like(groups)
             rank[order] = torch.arange(groups.numel(), device=groups.device) - start[groups[order]]
@@ -231,6 +234,10 @@ class SubCentroids(nn.Module):
         stats = _all_reduce(stats[: c * k])
         total, count = stats[:, :-1], stats[:, -1:]
         p = self.centroids.flatten(0, 1)
+        # Convergence diagnostic (logged by the engine): mean cosine between each updated sub-centroid
+        # and the normalised sum of the samples assigned to it; it tends to 1 as they converge.
+        moving = (count > 0).float()
+        self.alignment = ((p * F.normalize(total, dim=1)).sum(1, keepdim=True) * moving).sum() / moving.sum().clamp_min(1)
         moved = self.momentum * p + (1 - self.momentum) * F.normalize(total, dim=1)
         norm = moved.norm(dim=1, keepdim=True)
         keep = (count == 0) | (norm < 1e-6)

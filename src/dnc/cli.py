@@ -90,8 +90,10 @@ def cmd_train(args) -> dict:
 def cmd_test(args) -> dict:
     from .config import ConfigError, load_config
     from .engine import load_checkpoint, setup_distributed
-    from .tasks import build_datasets, build_eval_loader, build_model, evaluate
+    from .tasks import build_datasets, build_eval_loader, evaluate, load_trained_model
 
+    if args.out and Path(args.out).suffix not in (".json", ".pkl"):
+        raise ConfigError(f"--out {args.out}: use a .json or .pkl file")
     cfg = load_config(args.config, tuple(args.overrides))
     valid = {"classification": {"accuracy"}, "segmentation": {"mIoU"}}[cfg.task]
     for m in args.metrics or []:
@@ -99,11 +101,7 @@ def cmd_test(args) -> dict:
             raise ConfigError(f"--metrics {m!r} is not available for {cfg.task}; valid choices: {', '.join(sorted(valid))}")
     info = setup_distributed(cfg.train.device)
     ckpt = load_checkpoint(args.checkpoint)
-    model = build_model(cfg, pretrained="")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ConfigError(f"{args.checkpoint}: does not fit the model of {args.config}: {str(e).splitlines()[1].strip()}") from None
+    model = load_trained_model(cfg, ckpt, args.checkpoint)
     datasets, classes = build_datasets(cfg, ("val",))
     loader = build_eval_loader(cfg, datasets["val"], info)
     result = evaluate(cfg, model.to(info.device), loader, info, predictions=bool(args.out))
@@ -129,9 +127,17 @@ def cmd_demo(args) -> dict:
         ns = argparse.Namespace(config=str(PACKAGE_CONFIGS / "demo" / f"digits_{head}.yaml"),
                                 work_dir=str(root / head), resume=None, overrides=list(args.overrides))
         results[head] = cmd_train(ns)
+    from .config import load_config
+    from .explain import run_explain
+    print("== explaining the DNC model: sub-centroids as training images ==", flush=True)
+    dnc_config = str(PACKAGE_CONFIGS / "demo" / "digits_dnc.yaml")
+    explained = run_explain(load_config(dnc_config, tuple(args.overrides)), root / "dnc" / "last.pt", root / "explain",
+                            config_name="configs/demo/digits_dnc.yaml")["accuracy"]
     print("\nheld-out digits (360 images), top-1 accuracy:")
     for head, m in results.items():
         print(f"  {head:>6}: {m['top1']:.2f}%")
+    print(f"  DNC anchored to 40 training images: {explained['after']['top1']:.2f}%")
+    print(f"report: {root / 'explain' / 'index.html'}")
     return results
 
 
@@ -158,14 +164,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default="work_dirs/demo")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_demo)
+
+    from .explain import add_commands
+    add_commands(sub)
     return parser
 
 
+def _parse(argv) -> argparse.Namespace:
+    """argparse stops collecting the positional ``key=value`` overrides at the first option, and
+    ``--resume [CKPT]`` / ``--metrics M...`` swallow a following override: gather them all back."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if not hasattr(args, "overrides"):
+        return args
+    taken = []
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not Path(resume).exists():
+        taken, args.resume = [resume], "auto"
+    if getattr(args, "metrics", None):
+        taken += [m for m in args.metrics if "=" in m]
+        args.metrics = [m for m in args.metrics if "=" not in m] or None
+    args.overrides = list(args.overrides) + taken + extra
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "out", None) and Path(args.out).suffix not in (".json", ".pkl"):
-        print(f"dnc: error: --out {args.out}: use a .json or .pkl file", file=sys.stderr)
-        return 2
+    args = _parse(argv)
     try:
         args.func(args)
     except KeyboardInterrupt:
@@ -175,6 +202,8 @@ def main(argv=None) -> int:
         if os.environ.get("DNC_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if msg.startswith("Caught ") and "Original Traceback" in str(e):  # re-raised from a DataLoader worker:
+            msg = str(e).strip().splitlines()[-1].split(": ", 1)[-1]     # its own message is the last line
         print(f"dnc: error: {msg}", file=sys.stderr)
         return 1
     finally:

@@ -13,8 +13,9 @@ import math
 import os
 import random
 import signal
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -184,6 +185,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: say which checkpoint could not be written
+        raise OSError(e.errno, f"{path}: cannot write checkpoint: {e.strerror or e}") from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -292,24 +295,32 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
         scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(**ckpt["train_state"])
         _set_rng_state(ckpt["rng"])
+        _restore_per_process(model, ckpt, info, resume, log)
         log(mode="resume", checkpoint=str(resume), iter=state.it, epoch=state.epoch)
     elif before_training is not None:
         before_training(model)
+    _sync_buffers(model)  # e.g. randomly initialised sub-centroids: every process starts from process 0's
+    # Buffers are not broadcast at each step: each process keeps its own sub-centroid memory shard (and
+    # BatchNorm statistics, which training does not read; they are synchronised before evaluating/saving).
     ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if info.world > 1 else model
     amp = torch.autocast(info.device.type, dtype=torch.bfloat16 if t.amp == "bf16" else torch.float16) \
         if t.amp != "none" else nullcontext()
 
     def checkpoint(name: str = "last.pt", metrics: Optional[dict] = None) -> None:
+        _sync_buffers(model)
+        per_process = _gather_per_process(model, info)  # a collective: before the rank-0-only part
         if info.is_main:
             save_checkpoint(work_dir / name, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "train_state": vars(state).copy(), "rng": _rng_state(), "config": to_dict(cfg),
-                "classes": list(classes or []), "metrics": metrics or {}})
+                "classes": list(classes or []), "metrics": metrics or {},
+                "world": info.world, "per_process": per_process})
         if dist.is_initialized():
             dist.barrier()
 
     def run_eval() -> dict:
+        _sync_buffers(model)  # every process evaluates the model that is saved (process 0's BatchNorm statistics)
         metrics = evaluate(model)
         if info.is_main:
             shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
@@ -327,30 +338,38 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
     run_steps = 0
     bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
     sums: dict = {}
+    window = 0  # steps summed in ``sums``
     progress = _progress(total, state.it, info.is_main)
-    with stop:
+    with stop, closing(progress):  # closed on errors too, so that an error message starts its own line
         while state.it < total:
             sampler.epoch, sampler.start = state.epoch, state.epoch_it * cfg.data.batch_size
             ddp.train()
             for images, targets, skipped in train_loader:
-                images = images.to(info.device, non_blocking=True)
-                targets = targets.to(info.device, non_blocking=True)
-                if t.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with amp:
-                    _, losses = ddp(images, targets)
-                loss = sum(losses.values())
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.optim.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                # A batch whose samples were all unreadable (data.on_bad_sample=skip) is a step without an
+                # update; under DDP all processes skip it together, so that none waits for the others.
+                empty = len(targets) == 0
+                if info.world > 1 and cfg.data.on_bad_sample == "skip":
+                    empty = _all_reduce_max(empty, info.device)
+                if not empty:
+                    images = images.to(info.device, non_blocking=True)
+                    targets = targets.to(info.device, non_blocking=True)
+                    if t.channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    with amp:
+                        _, losses = ddp(images, targets)
+                    loss = sum(losses.values())
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if cfg.optim.grad_clip:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), state.it + 1, bad_step)
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach().float()
+                    window += 1
                 scheduler.step()
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), state.it + 1, bad_step)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float()
                 sums["skipped"] = sums.get("skipped", 0) + skipped
                 state.it += 1
                 state.epoch_it += 1
@@ -367,12 +386,14 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                         return {"stopped": True, "iter": state.it}
                 if at_log:
                     _check_finite(bad_step, state)
-                    record = {k: (v.item() if torch.is_tensor(v) else v) / (1 if k == "skipped" else t.log_interval)
+                    record = {k: (v.item() if torch.is_tensor(v) else v) / (1 if k == "skipped" else max(window, 1))
                               for k, v in sums.items()}
-                    log(mode="train", iter=state.it, epoch=state.epoch, lr=scheduler.get_last_lr()[0], **record)
                     progress.set_postfix(loss=f"{sum(v for k, v in record.items() if k != 'skipped'):.4f}")
-                    sums = {}
+                    record.update(_centroid_stats(model))
+                    log(mode="train", iter=state.it, epoch=state.epoch, lr=scheduler.get_last_lr()[0], **record)
+                    sums, window = {}, 0
                 if t.iters and state.it % t.eval_interval == 0 and not end:
+                    _check_finite(bad_step, state)  # never evaluate or checkpoint weights a NaN reached
                     metrics = run_eval()
                     checkpoint(metrics=metrics)
                     ddp.train()
@@ -394,8 +415,68 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
     return metrics
 
 
+def _centroid_stats(model: nn.Module) -> dict:
+    """``centroid_cos``: how close the sub-centroids are to the means of the samples assigned to them
+    at the last update (1 = converged), for every sub-centroid module of the model."""
+    from .centroids import SubCentroids
+    values = [m.alignment for m in model.modules() if isinstance(m, SubCentroids) and m.alignment is not None]
+    return {"centroid_cos": round(float(sum(values) / len(values)), 5)} if values else {}
+
+
+def _per_process_buffers(model: nn.Module) -> dict:
+    """Buffers that differ between processes by design: the sub-centroid memory shards."""
+    from .centroids import SubCentroids
+    return {f"{name}.{b}" if name else b: t for name, m in model.named_modules() if isinstance(m, SubCentroids)
+            for b, t in m.named_buffers(recurse=False) if b.startswith("memory_")}
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Give every process process 0's buffers (sub-centroids, BatchNorm statistics), memory shards aside."""
+    if not dist.is_initialized():
+        return
+    own = {id(t) for t in _per_process_buffers(model).values()}
+    for t in model.buffers():
+        if id(t) not in own:
+            dist.broadcast(t, 0)
+
+
+def _gather_per_process(model: nn.Module, info: DistInfo) -> Optional[dict]:
+    """Under DDP: every process's memory shards and RNG state, on process 0 (``None`` elsewhere and
+    with one process, where the model state and ``rng`` already hold them)."""
+    if not dist.is_initialized() or info.world == 1:
+        return None
+    local = {"buffers": {k: v.detach().cpu() for k, v in _per_process_buffers(model).items()}, "rng": _rng_state()}
+    parts = [None] * info.world if info.is_main else None
+    dist.gather_object(local, parts, dst=0)
+    return {"ranks": parts} if info.is_main else None
+
+
+def _restore_per_process(model: nn.Module, ckpt: dict, info: DistInfo, path, log) -> None:
+    """Resuming under DDP: each process takes back its own memory shard and RNG state when the number of
+    processes is the one that saved the checkpoint; otherwise all keep process 0's, with a warning."""
+    saved = ckpt.get("world", 1)
+    if saved == info.world:
+        if info.world > 1 and ckpt.get("per_process"):
+            own = ckpt["per_process"]["ranks"][info.rank]
+            for name, t in _per_process_buffers(model).items():
+                t.copy_(own["buffers"][name])
+            _set_rng_state(own["rng"])
+        return
+    message = (f"{path}: saved by {saved} processes, resumed with {info.world}: every process starts from the "
+               f"sub-centroid memory and random state of process 0, so the run does not continue exactly")
+    if info.is_main:
+        print(f"dnc: warning: {message}", file=sys.stderr, flush=True)
+    log(mode="warning", message=message)
+
+
 def _check_finite(bad_step: torch.Tensor, state: TrainState) -> None:
+    """Raise on every process if any saw a non-finite loss (a collective: all processes call it at
+    the same steps), naming the first such step."""
     step = int(bad_step.item())
+    if dist.is_initialized():
+        first = torch.where(bad_step < 0, torch.iinfo(torch.long).max, bad_step)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        step = -1 if int(first.item()) == torch.iinfo(torch.long).max else int(first.item())
     if step >= 0:
         raise TrainingError(f"non-finite loss at iteration {step} (epoch {state.epoch}); stopped without saving, "
                             f"the last checkpoint is the last good one")

@@ -38,6 +38,10 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .config import Config, from_dict, to_dict
+from .engine import load_checkpoint, save_checkpoint, setup_distributed, unwrap
+from .tasks import autocast, build_cls_split, build_datasets, build_eval_loader, evaluate, load_trained_model
+
 __all__ = ["TopMSearch", "TrainingMatches", "search_training_set", "anchor_model", "subcentroid_statistics",
            "explain_decisions", "Decisions", "pixel_decisions", "render_gallery", "render_decision",
            "render_segmentation", "write_report",
@@ -147,7 +151,6 @@ def _collate_indexed(batch):
 
 
 def _head(model: nn.Module) -> nn.Module:
-    from .engine import unwrap
     net = unwrap(model)
     return net.head_module() if hasattr(net, "head_module") else net.head
 
@@ -164,7 +167,6 @@ def search_training_set(model: nn.Module, dataset: Dataset, m: int = 5, batch_si
     from contextlib import nullcontext
 
     from tqdm import tqdm
-    from .engine import unwrap
 
     net = unwrap(model).eval()
     device = device or next(net.parameters()).device
@@ -184,7 +186,6 @@ def search_training_set(model: nn.Module, dataset: Dataset, m: int = 5, batch_si
 def anchor_model(model: nn.Module, matches: TrainingMatches) -> nn.Module:
     """A copy of ``model`` whose every sub-centroid is the embedding of its nearest training sample of
     its class. A sub-centroid of a class without training samples is left as it was."""
-    from .engine import unwrap
     anchored = copy.deepcopy(unwrap(model))
     sub = _head(anchored).centroids
     p = sub.centroids
@@ -238,7 +239,6 @@ class Decisions:
 @torch.no_grad()
 def explain_decisions(model: nn.Module, images: torch.Tensor, topk: int = 2) -> Decisions:
     """Top classes of a DNC classifier for ``images`` and the sub-centroid behind each class score."""
-    from .engine import unwrap
     net = unwrap(model).eval()
     head = _head(net)
     z, _ = net.embeddings(images)
@@ -468,37 +468,9 @@ def write_report(out_dir: Path, result: dict, galleries: Sequence[str], examples
 # ============================================================================ dnc explain
 
 
-def _cls_dataset(cfg, split: str, transform):
-    """A classification split as :func:`dnc.tasks.build_datasets` builds it, with the given transform
-    (the training split with its *evaluation* transform, or raw ``transform=None`` images)."""
-    from .data.classification import build_cls_dataset, check_labels
-    d = cfg.data
-    kw = dict(d.dataset_kwargs)
-    if d.holdout:
-        kw["holdout"] = d.holdout
-    if d.dataset == "imagefolder":
-        kw.setdefault("on_bad", d.on_bad_sample)
-    ds = build_cls_dataset(d.dataset, d.root, split, transform, **kw)
-    if d.check_labels:
-        check_labels(ds, d.num_classes, f"{d.dataset}/{split}")
-    return ds
-
-
 def _sample_name(dataset, index: int) -> str:
     name = getattr(dataset, "sample_name", None)
     return (name(index) if name is not None else None) or f"#{index}"
-
-
-def _load_model(cfg, ckpt: dict, path) -> nn.Module:
-    from .tasks import build_model
-    model = build_model(cfg, pretrained="")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError) as e:
-        lines = str(e).splitlines()
-        why = (lines[1] if len(lines) > 1 else lines[0]).strip()
-        raise ValueError(f"{path}: does not fit the model of the config: {why}") from None
-    return model
 
 
 def _require_dnc(task: str, head: str, path) -> None:
@@ -524,10 +496,7 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
                 progress: bool = True, config_name: str = "") -> dict:
     """``dnc explain``: anchor, evaluate before/after, write ``anchored.pt``, ``explain.json``, the
     galleries and ``index.html`` into ``out_dir``; returns the ``explain.json`` dict."""
-    from .config import to_dict
     from .data.transforms import build_cls_transform
-    from .engine import load_checkpoint, save_checkpoint, setup_distributed
-    from .tasks import _autocast, build_datasets, build_eval_loader, evaluate
 
     _require_dnc(cfg.task, cfg.model.head, checkpoint)
     if examples < 0:
@@ -538,17 +507,17 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
     ckpt = load_checkpoint(checkpoint)
     saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     _require_dnc(saved.get("task", cfg.task), saved.get("model", {}).get("head", cfg.model.head), checkpoint)
-    model = _load_model(cfg, ckpt, checkpoint).to(info.device).eval()
+    model = load_trained_model(cfg, ckpt, checkpoint).to(info.device).eval()
     out = Path(out_dir)
     (out / "galleries").mkdir(parents=True, exist_ok=True)
     (out / "decisions").mkdir(parents=True, exist_ok=True)
 
     d = cfg.data
-    train = _cls_dataset(cfg, "train", build_cls_transform(d.preset, False, d.img_size))
+    train = build_cls_split(cfg, "train", build_cls_transform(d.preset, False, d.img_size))
     classes = list(train.classes)
     batch = d.eval_batch_size or d.batch_size
     matches = search_training_set(model, train, top_m, batch, d.num_workers, info.device,
-                                  lambda: _autocast(cfg, info.device), progress)
+                                  lambda: autocast(cfg, info.device), progress)
     anchored = anchor_model(model, matches).to(info.device).eval()
     before_p = _head(model).centroids.centroids.detach()
     after_p = _head(anchored).centroids.centroids.detach()
@@ -563,7 +532,7 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
     ok_a, _ = _per_class(after["predictions"], c)
     agree = sum(a["pred"] == b["pred"] for a, b in zip(after["predictions"], before["predictions"]))
 
-    raw_train = _cls_dataset(cfg, "train", None)
+    raw_train = build_cls_split(cfg, "train", None)
     index, sims = matches.index.cpu(), matches.sims.cpu()
     names = [[_sample_name(raw_train, int(i)) if i >= 0 else None for i in row] for row in index[..., 0].tolist()]
     result = {
@@ -620,7 +589,7 @@ def _explain_examples(cfg, anchored, records, val, raw_train, anchor_index, clas
         chosen += sorted(rng.sample(pool, min(count, len(pool))), key=lambda r: r["index"])
     if not chosen:
         return []
-    raw_val = _cls_dataset(cfg, "val", None)
+    raw_val = build_cls_split(cfg, "val", None)
     images = torch.stack([torch.as_tensor(val[r["index"]][0]) for r in chosen]).to(device)
     dec = explain_decisions(anchored, images, topk=2)
     shown = []
@@ -688,8 +657,6 @@ def run_predict(checkpoint, images: Sequence[str], explain: bool = False, out_di
     with the class map and the map of the sub-centroid that won each pixel (:func:`pixel_decisions`,
     one whole-image forward at the config's evaluation scale). Returns one dict per image.
     """
-    from .config import Config, from_dict
-    from .engine import load_checkpoint, setup_distributed
 
     ckpt = load_checkpoint(checkpoint)
     if not isinstance(ckpt.get("config"), dict):
@@ -697,7 +664,7 @@ def run_predict(checkpoint, images: Sequence[str], explain: bool = False, out_di
     cfg = from_dict(Config, ckpt["config"])
     classes = list(ckpt.get("classes") or [str(i) for i in range(cfg.data.num_classes)])
     dev = setup_distributed(device).device
-    model = _load_model(cfg, ckpt, checkpoint).to(dev).eval()
+    model = load_trained_model(cfg, ckpt, checkpoint).to(dev).eval()
     out = Path(out_dir)
     pics = [_load_image(p) for p in images]
     if cfg.task == "segmentation":
@@ -709,7 +676,7 @@ def run_predict(checkpoint, images: Sequence[str], explain: bool = False, out_di
             raise ValueError(f"{checkpoint}: --explain needs an anchored checkpoint: run dnc explain CONFIG "
                              f"{checkpoint} --out DIR and pass DIR/anchored.pt")
         anchor_index = ckpt["anchor_index"]
-        raw_train = _cls_dataset(cfg, "train", None)
+        raw_train = build_cls_split(cfg, "train", None)
         used = anchor_index[anchor_index >= 0]
         if len(used) and int(used.max()) >= len(raw_train):
             raise ValueError(f"{checkpoint}: anchors index {int(used.max())} but the training set has "
@@ -768,7 +735,6 @@ def pixel_decisions(model: nn.Module, images: torch.Tensor, out_size: Sequence[i
 
     Returns ``classes``, ``subcentroid`` (int64) and ``similarity`` (float), each ``(B, H, W)``.
     """
-    from .engine import unwrap
     net = unwrap(model).eval()
     head = _head(net)
     captured = []
@@ -902,7 +868,6 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("explain", help="anchor sub-centroids to training images; galleries and an HTML report")
     p.add_argument("config")
     p.add_argument("checkpoint")
-    # dest differs from "out": cli.main checks that a plain --out is a .json/.pkl file (for test).
     p.add_argument("--out", dest="out_dir", required=True, metavar="DIR",
                    help="output folder: anchored.pt, explain.json, index.html, galleries/, decisions/")
     p.add_argument("--top-m", type=int, default=5, metavar="M",

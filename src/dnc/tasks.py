@@ -15,8 +15,8 @@ from torch import nn
 from .config import Config, ConfigError
 from .engine import DistInfo, make_loader, unwrap
 
-__all__ = ["build_model", "build_datasets", "build_eval_loader", "evaluate", "metric_key", "head_kwargs",
-           "collate_fn", "init_centroids_from_data"]
+__all__ = ["build_model", "build_cls_split", "build_datasets", "load_trained_model", "build_eval_loader", "evaluate",
+           "metric_key", "head_kwargs", "collate_fn", "autocast", "init_centroids_from_data"]
 
 
 def head_kwargs(cfg: Config) -> dict:
@@ -60,23 +60,32 @@ def _with_no_skips(collate):
     return wrapped
 
 
+def build_cls_split(cfg: Config, split: str, transform) -> "torch.utils.data.Dataset":
+    """One split of a classification dataset with the given transform, labels checked."""
+    from .data.classification import build_cls_dataset, check_labels
+    d = cfg.data
+    kw = dict(d.dataset_kwargs)
+    if d.holdout:
+        kw["holdout"] = d.holdout
+    if d.dataset == "imagefolder":
+        kw.setdefault("on_bad", d.on_bad_sample)
+    ds = build_cls_dataset(d.dataset, d.root, split, transform, **kw)
+    if d.check_labels:
+        check_labels(ds, d.num_classes, f"{d.dataset}/{split}")
+    return ds
+
+
 def build_datasets(cfg: Config, splits=("train", "val")) -> tuple:
     """``({split: dataset}, classes)``, with the labels checked against ``data.num_classes``."""
     d = cfg.data
+    if d.root is None and d.dataset != "digits":
+        raise ConfigError(f"data.root must be set for dataset {d.dataset} (the folder that holds it)")
     out = {}
     for split in splits:
         train = split == "train"
         if cfg.task == "classification":
-            from .data.classification import build_cls_dataset, check_labels
             from .data.transforms import build_cls_transform
-            kw = dict(d.dataset_kwargs)
-            if d.holdout:
-                kw["holdout"] = d.holdout
-            if d.dataset == "imagefolder":
-                kw.setdefault("on_bad", d.on_bad_sample)
-            ds = build_cls_dataset(d.dataset, d.root, split, build_cls_transform(d.preset, train, d.img_size), **kw)
-            if d.check_labels:
-                check_labels(ds, d.num_classes, f"{d.dataset}/{split}")
+            ds = build_cls_split(cfg, split, build_cls_transform(d.preset, train, d.img_size))
         else:
             from .data.seg_transforms import build_seg_transforms
             from .data.segmentation import build_seg_dataset, check_masks
@@ -93,12 +102,25 @@ def build_datasets(cfg: Config, splits=("train", "val")) -> tuple:
     return out, classes
 
 
+def load_trained_model(cfg: Config, ckpt: dict, path) -> nn.Module:
+    """The model of ``cfg`` with the weights of checkpoint ``ckpt`` (loaded from ``path``)."""
+    model = build_model(cfg, pretrained="")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        lines = str(e).splitlines()
+        why = (lines[1] if len(lines) > 1 else lines[0]).strip()
+        raise ConfigError(f"{path}: does not fit the model of the config: {why}") from None
+    return model
+
+
 def build_eval_loader(cfg: Config, dataset, info: DistInfo):
     bs = cfg.data.eval_batch_size or (cfg.data.batch_size if cfg.task == "classification" else 1)
     return make_loader(dataset, bs, False, info, cfg.train.seed, cfg.data.num_workers, collate_fn(cfg, False))
 
 
-def _autocast(cfg: Config, device: torch.device):
+def autocast(cfg: Config, device: torch.device):
+    """The mixed-precision context of ``train.amp`` for inference."""
     if cfg.train.amp == "none":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
@@ -120,7 +142,7 @@ def evaluate(cfg: Config, model: nn.Module, loader, info: DistInfo, predictions:
         indices = list(loader.sampler)
         for images, targets, _ in loader:
             images, targets = images.to(info.device), targets.to(info.device)
-            with _autocast(cfg, info.device):
+            with autocast(cfg, info.device):
                 logits = model(images).float()
             metric.update(logits, targets)
             if predictions:
@@ -140,7 +162,7 @@ def evaluate(cfg: Config, model: nn.Module, loader, info: DistInfo, predictions:
     metric = SegMetric(cfg.data.num_classes, device=info.device)
     for images, masks, _ in loader:
         images, masks = images.to(info.device), masks.to(info.device)
-        with _autocast(cfg, info.device):
+        with autocast(cfg, info.device):
             logits = seg_inference(model, images, cfg.data.num_classes, tuple(masks.shape[-2:]), mode=d.eval_mode,
                                    crop_size=tuple(d.eval_crop or d.crop_size),
                                    stride=tuple(d.eval_stride) if d.eval_stride else None,
