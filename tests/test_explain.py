@@ -2,14 +2,17 @@
 import json
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision import tv_tensors
 
 from dnc.cli import main
 from dnc.config import PACKAGE_CONFIGS, Config, from_dict, load_config, to_dict
 from dnc.data.classification import Digits, build_cls_dataset
+from dnc.data.seg_transforms import build_seg_transforms
 from dnc.data.transforms import build_cls_transform
 from dnc.engine import load_checkpoint, save_checkpoint
 from dnc.explain import TopMSearch, explain_decisions, pixel_decisions, subcentroid_statistics
@@ -255,3 +258,22 @@ def test_segmentation_predict_maps_the_winning_subcentroid(tmp_path, capsys):
     assert "sub-centroid maps" in capsys.readouterr().out
     with Image.open(tmp_path / "o" / "street_explain.png") as img:
         img.load()
+
+
+def test_segmentation_predict_writes_colour_masks_beside_the_images(tmp_path):
+    cfg = from_dict(Config, {"task": "segmentation", "data": {"dataset": "camvid", "num_classes": 4, "scale": None},
+                             "model": {"backbone": "resnet18", "decoder": "fcn", "decoder_channels": 16, "head": "linear"},
+                             "train": {"iters": 1}})
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained="").eval()
+    save_checkpoint(tmp_path / "seg.pt", {"model": model.state_dict(), "config": to_dict(cfg), "classes": list("abcd")})
+    image = torch.randint(0, 256, (40, 52, 3), dtype=torch.uint8)
+    Image.fromarray(image.numpy()).save(tmp_path / "street.png")
+    assert main(["predict", str(tmp_path / "seg.pt"), str(tmp_path / "street.png")]) == 0
+    with Image.open(tmp_path / "street_mask.png") as mask:
+        assert mask.mode == "P" and mask.size == (52, 40)
+        classes = torch.from_numpy(np.array(mask)).long()
+    x = build_seg_transforms(False, scale=None)(tv_tensors.Image(image.permute(2, 0, 1)), torch.zeros(40, 52))[0]
+    with torch.no_grad():
+        expected = F.interpolate(model(x[None]), size=(40, 52), mode="bilinear", align_corners=False).argmax(1)[0]
+    assert torch.equal(classes, expected)

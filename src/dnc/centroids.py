@@ -222,7 +222,7 @@ class SubCentroids(nn.Module):
         if sims is None:
             own = self._own_similarities(z, groups)
         else:
-            own = sims.float().gather(1, groups.clamp(max=c - 1)[:, None, None].expand(-1, 1, k)).squeeze(1)
+            own = sims.gather(1, groups.clamp(max=c - 1)[:, None, None].expand(-1, 1, k)).squeeze(1).float()
         assign = sinkhorn_assign(own, groups, c + 1, self.eps, self.iters)
         weight = (groups < c).float()
         if self.correct_only:

@@ -124,7 +124,9 @@ class SeededDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63))
+            # The CPU generator alone (what the transforms draw from): torch.manual_seed would also
+            # seed CUDA lazily, which costs more than loading a small image.
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63))
             return self.dataset[index]
 
 

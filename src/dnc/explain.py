@@ -639,22 +639,26 @@ def _predict_transform(cfg):
     return tf
 
 
-def _out_name(out: Path, stem: str, taken: set) -> Path:
-    name, n = f"{stem}_explain.png", 1
-    while name in taken:
+def _out_name(out: Optional[Path], image: str, taken: set, suffix: str = "explain") -> Path:
+    """``<stem>_<suffix>.png`` in ``out``, or beside ``image`` when ``out`` is None; never twice the same."""
+    folder, stem = (Path(out) if out is not None else Path(image).parent), Path(image).stem
+    name, n = f"{stem}_{suffix}.png", 1
+    while str(folder / name) in taken:
         n += 1
-        name = f"{stem}_{n}_explain.png"
-    taken.add(name)
-    return out / name
+        name = f"{stem}_{n}_{suffix}.png"
+    taken.add(str(folder / name))
+    return folder / name
 
 
-def run_predict(checkpoint, images: Sequence[str], explain: bool = False, out_dir=".", topk: int = 5,
+def run_predict(checkpoint, images: Sequence[str], explain: bool = False, out_dir=None, topk: int = 5,
                 device: str = "auto", tile: int = 96) -> list:
     """``dnc predict``: top classes of each image (printed), and with ``explain`` a PNG per image with
     the training images behind the decision (needs an anchored checkpoint from ``dnc explain``).
 
-    Segmentation checkpoints: the pixel share of the top classes, and with ``explain`` a PNG per image
-    with the class map and the map of the sub-centroid that won each pixel (:func:`pixel_decisions`,
+    Output files go into ``out_dir``, or beside each image when it is None.
+    Segmentation checkpoints: the pixel share of the top classes, a colour mask ``<stem>_mask.png`` (a
+    palette PNG whose pixel values are the class indices), and with ``explain`` a PNG per image with the
+    class map and the map of the sub-centroid that won each pixel (:func:`pixel_decisions`,
     one whole-image forward at the config's evaluation scale). Returns one dict per image.
     """
 
@@ -665,7 +669,9 @@ def run_predict(checkpoint, images: Sequence[str], explain: bool = False, out_di
     classes = list(ckpt.get("classes") or [str(i) for i in range(cfg.data.num_classes)])
     dev = setup_distributed(device).device
     model = load_trained_model(cfg, ckpt, checkpoint).to(dev).eval()
-    out = Path(out_dir)
+    out = Path(out_dir) if out_dir else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     pics = [_load_image(p) for p in images]
     if cfg.task == "segmentation":
         return _predict_segmentation(cfg, model, images, pics, classes, out, dev, explain, topk)
@@ -681,7 +687,6 @@ def run_predict(checkpoint, images: Sequence[str], explain: bool = False, out_di
         if len(used) and int(used.max()) >= len(raw_train):
             raise ValueError(f"{checkpoint}: anchors index {int(used.max())} but the training set has "
                              f"{len(raw_train)} images: it changed since dnc explain")
-        out.mkdir(parents=True, exist_ok=True)
     tf = _predict_transform(cfg)
     results, taken = [], set()
     for path, pic in zip(images, pics):
@@ -708,7 +713,7 @@ def run_predict(checkpoint, images: Sequence[str], explain: bool = False, out_di
                               "image": raw_train[i][0] if i >= 0 else None})
             cells = [(f"{p['class']} (k={p['subcentroid']})", p["image"], p["similarity"]) for p in panel]
             img = render_decision(pic, Path(path).name, cells[0], cells[1] if len(cells) > 1 else None, None, tile)
-            file = _out_name(out, Path(path).stem, taken)
+            file = _out_name(out, path, taken)
             img.save(file)
             rec["decided_by"] = [{k: v for k, v in p.items() if k != "image"} for p in panel]
             rec["explanation"] = str(file)
@@ -814,8 +819,7 @@ def _predict_segmentation(cfg, model, paths, pics, classes, out: Path, device, e
     if explain and cfg.model.head != "dnc":
         raise ValueError(f"--explain needs a DNC segmenter; this checkpoint has a {cfg.model.head} head")
     tf = build_seg_transforms(False, scale=tuple(d.scale) if d.scale else None)
-    if explain:
-        out.mkdir(parents=True, exist_ok=True)
+    palette = _palette(len(classes)).flatten().tolist()
     results, taken = [], set()
     for path, pic in zip(paths, pics):
         x, _ = tf(pic, torch.zeros(pic.height, pic.width, dtype=torch.uint8))
@@ -832,8 +836,13 @@ def _predict_segmentation(cfg, model, paths, pics, classes, out: Path, device, e
         rec = {"image": str(path), "top": [{"class": classes[int(ci)], "index": int(ci),
                                             "pixels": round(float(share[ci]), 6)} for ci in top if share[ci] > 0]}
         line = f"{path}: " + "  ".join(f"{t['class']} {100 * t['pixels']:.1f}%" for t in rec["top"])
+        mask = Image.fromarray(pred.cpu().to(torch.uint8).numpy())  # "L"; the palette makes it "P"
+        mask.putpalette(palette)
+        rec["mask"] = str(_out_name(out, path, taken, "mask"))
+        mask.save(rec["mask"])
+        line += f"\n  colour mask -> {rec['mask']}"
         if explain:
-            file = _out_name(out, Path(path).stem, taken)
+            file = _out_name(out, path, taken)
             render_segmentation(pic, pred, dec["subcentroid"][0], classes, cfg.model.dnc.num_subcentroids).save(file)
             rec["explanation"] = str(file)
             line += f"\n  class and sub-centroid maps -> {file}"
@@ -882,7 +891,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--explain", action="store_true",
                    help="write a PNG per image with the deciding training images (needs DIR/anchored.pt of dnc explain)")
-    p.add_argument("--out", dest="out_dir", default=".", metavar="DIR", help="folder of the PNGs (default: .)")
+    p.add_argument("--out", dest="out_dir", default=None, metavar="DIR",
+                   help="folder of the PNGs (default: beside each input image)")
     p.add_argument("--topk", type=int, default=5, metavar="K", help="classes printed per image (default 5)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.set_defaults(func=_cmd_predict)

@@ -57,7 +57,7 @@ class DNCHead(nn.Module):
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None):
         z = self.embed(x)
         sims = self.centroids.similarities(z)
-        logits = self.calibrate(sims.float().amax(-1))
+        logits = self.calibrate(sims.amax(-1).float())
         if target is None or not self.training:
             return logits
         correct = logits.detach().argmax(1) == target
