@@ -3,7 +3,7 @@
 
 From the repository root on this machine, with the data archives copied into the ignored ``.data/``::
 
-    cp ../shared/data/cifar10/cifar10-train-jpeg.tar.gz ../shared/data/camvid/camvid-*.tar.gz .data/
+    mkdir -p .data && cp CIFAR10_JPEG_ARCHIVE CAMVID_TRAIN_ARCHIVE CAMVID_VAL_ARCHIVE .data/   # see BENCHMARKS.md
 
 then one device call (tool ``run``)::
 

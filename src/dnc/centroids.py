@@ -129,7 +129,7 @@ class SubCentroids(nn.Module):
             clustering runs over the whole memory instead of the current batch.
         update_interval: cluster every this many steps (e.g. once per memory refill).
         max_per_class: if > 0, at most this many random samples of a class enter one clustering step
-            (bounds the per-pixel cost in segmentation).
+            (the others take no part in it). The vectorised step costs O(N * K) whatever the cap.
 
     State (all in ``state_dict``): ``centroids`` (C, K, D) unit vectors, the memory, and the step count.
     """
@@ -236,9 +236,10 @@ class SubCentroids(nn.Module):
         p = self.centroids.flatten(0, 1)
         # Convergence diagnostic (logged by the engine): mean cosine between each updated sub-centroid
         # and the normalised sum of the samples assigned to it; it tends to 1 as they converge.
+        target = F.normalize(total, dim=1)
         moving = (count > 0).float()
-        self.alignment = ((p * F.normalize(total, dim=1)).sum(1, keepdim=True) * moving).sum() / moving.sum().clamp_min(1)
-        moved = self.momentum * p + (1 - self.momentum) * F.normalize(total, dim=1)
+        self.alignment = ((p * target).sum(1, keepdim=True) * moving).sum() / moving.sum().clamp_min(1)
+        moved = self.momentum * p + (1 - self.momentum) * target
         norm = moved.norm(dim=1, keepdim=True)
         keep = (count == 0) | (norm < 1e-6)
         # Out of place: the old tensor may still be needed by autograd for this step's backward.

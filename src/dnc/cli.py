@@ -70,7 +70,7 @@ def cmd_train(args) -> dict:
         _write_atomic(work_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     model = build_model(cfg)
     train_loader = make_loader(datasets["train"], cfg.data.batch_size, True, info, cfg.train.seed,
-                               cfg.data.num_workers, collate_fn(cfg, True))
+                               cfg.data.num_workers, collate_fn(cfg))
     val_loader = build_eval_loader(cfg, datasets["val"], info)
     metrics = train_loop(
         cfg, model, train_loader, info, work_dir,
@@ -118,8 +118,10 @@ def cmd_test(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    """Train a DNC and a linear classifier on the built-in digits and print both accuracies."""
-    from .config import PACKAGE_CONFIGS
+    """Train a DNC and a linear classifier on the built-in digits, print both accuracies, and explain
+    the DNC model (its sub-centroids anchored to training images, with an HTML report)."""
+    from .config import PACKAGE_CONFIGS, load_config
+    from .explain import run_explain
     root = Path(args.work_dir)
     results = {}
     for head in ("dnc", "linear"):
@@ -127,16 +129,15 @@ def cmd_demo(args) -> dict:
         ns = argparse.Namespace(config=str(PACKAGE_CONFIGS / "demo" / f"digits_{head}.yaml"),
                                 work_dir=str(root / head), resume=None, overrides=list(args.overrides))
         results[head] = cmd_train(ns)
-    from .config import load_config
-    from .explain import run_explain
     print("== explaining the DNC model: sub-centroids as training images ==", flush=True)
-    dnc_config = str(PACKAGE_CONFIGS / "demo" / "digits_dnc.yaml")
-    explained = run_explain(load_config(dnc_config, tuple(args.overrides)), root / "dnc" / "last.pt", root / "explain",
+    cfg = load_config(str(PACKAGE_CONFIGS / "demo" / "digits_dnc.yaml"), tuple(args.overrides))
+    explained = run_explain(cfg, root / "dnc" / "last.pt", root / "explain",
                             config_name="configs/demo/digits_dnc.yaml")["accuracy"]
     print("\nheld-out digits (360 images), top-1 accuracy:")
     for head, m in results.items():
         print(f"  {head:>6}: {m['top1']:.2f}%")
-    print(f"  DNC anchored to 40 training images: {explained['after']['top1']:.2f}%")
+    anchors = cfg.data.num_classes * cfg.model.dnc.num_subcentroids
+    print(f"  DNC anchored to {anchors} training images: {explained['after']['top1']:.2f}%")
     print(f"report: {root / 'explain' / 'index.html'}")
     return results
 

@@ -5,6 +5,7 @@ module builds those pieces from a :class:`~dnc.config.Config`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -20,15 +21,11 @@ __all__ = ["build_model", "build_cls_split", "build_datasets", "load_trained_mod
 
 
 def head_kwargs(cfg: Config) -> dict:
-    """Keyword arguments of the head (the DNC options, or none for the linear head)."""
+    """Keyword arguments of the head: the DNC options (but the initialisation, done by
+    :func:`init_centroids_from_data`), or none for the linear head."""
     if cfg.model.head != "dnc":
         return {}
-    d = cfg.model.dnc
-    return dict(num_subcentroids=d.num_subcentroids, feat_norm=d.feat_norm, calibration=d.calibration,
-                temperature=d.temperature, contrast_weight=d.contrast_weight, compact_weight=d.compact_weight,
-                momentum=d.momentum, sinkhorn_eps=d.sinkhorn_eps, sinkhorn_iters=d.sinkhorn_iters,
-                correct_only=d.correct_only, memory_size=d.memory_size, update_interval=d.update_interval,
-                max_per_class=d.max_per_class)
+    return {k: v for k, v in dataclasses.asdict(cfg.model.dnc).items() if k not in ("init", "init_samples")}
 
 
 def build_model(cfg: Config, pretrained: Optional[str] = None) -> nn.Module:
@@ -46,18 +43,17 @@ def metric_key(cfg: Config) -> str:
     return "top1" if cfg.task == "classification" else "mIoU"
 
 
-def collate_fn(cfg: Config, train: bool):
+def _seg_collate(batch):
+    from .data.seg_transforms import seg_collate
+    return (*seg_collate(batch), 0)  # no sample is ever skipped in segmentation
+
+
+def collate_fn(cfg: Config):
+    """Batches as ``(images, targets, number of skipped samples)``."""
     if cfg.task == "classification":
         from .data.classification import collate
         return collate
-    from .data.seg_transforms import seg_collate
-    return _with_no_skips(seg_collate)
-
-
-def _with_no_skips(collate):
-    def wrapped(batch):
-        return (*collate(batch), 0)
-    return wrapped
+    return _seg_collate
 
 
 def build_cls_split(cfg: Config, split: str, transform) -> "torch.utils.data.Dataset":
@@ -116,7 +112,7 @@ def load_trained_model(cfg: Config, ckpt: dict, path) -> nn.Module:
 
 def build_eval_loader(cfg: Config, dataset, info: DistInfo):
     bs = cfg.data.eval_batch_size or (cfg.data.batch_size if cfg.task == "classification" else 1)
-    return make_loader(dataset, bs, False, info, cfg.train.seed, cfg.data.num_workers, collate_fn(cfg, False))
+    return make_loader(dataset, bs, False, info, cfg.train.seed, cfg.data.num_workers, collate_fn(cfg))
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -187,7 +183,7 @@ def init_centroids_from_data(cfg: Config, model: nn.Module, dataset, info: DistI
     if cfg.model.head != "dnc" or cfg.model.dnc.init != "kmeans++":
         return
     loader = make_loader(dataset, cfg.data.batch_size, True, info, cfg.train.seed + 1, cfg.data.num_workers,
-                         collate_fn(cfg, True))
+                         collate_fn(cfg))
     zs, ys, n = [], [], 0
     was_training = net.training
     net.eval()
