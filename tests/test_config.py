@@ -1,0 +1,52 @@
+"""The shipped configs: every file loads, and each DNC/linear pair differs only in the head."""
+from pathlib import Path
+
+import pytest
+
+from dnc.config import PACKAGE_CONFIGS, ConfigError, load_config, to_dict
+
+CONFIGS = sorted(p for p in PACKAGE_CONFIGS.rglob("*.yaml") if not p.name.startswith("_base_") and "_base_" not in p.parts)
+PAIRS = [(p, p.with_name(p.name.replace("_dnc.yaml", "_linear.yaml"))) for p in CONFIGS if p.name.endswith("_dnc.yaml")]
+
+
+def test_the_grid_is_complete():
+    names = {p.relative_to(PACKAGE_CONFIGS).as_posix() for p in CONFIGS}
+    for expected in ["resnet/resnet18_8xb16_cifar10_dnc.yaml", "resnet/resnet101_8xb16_cifar100_linear.yaml",
+                     "resnet/resnet50_8xb32_in1k_dnc.yaml", "mobilenet_v2/mobilenet-v2_8xb32_in1k_linear.yaml",
+                     "swin/swin-base_16xb64_in1k_dnc.yaml",
+                     "segmentation/ade20k/upernet_swin-tiny_8x2_512x512_160k_ade20k_dnc.yaml",
+                     "segmentation/cityscapes/deeplabv3_r101-d8_4x2_512x1024_80k_cityscapes_linear.yaml",
+                     "segmentation/camvid/fcn_r18-d8_1x16_176x176_2k_camvid_dnc.yaml"]:
+        assert expected in names
+    assert all(linear.is_file() for _, linear in PAIRS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(PACKAGE_CONFIGS).as_posix())
+def test_every_config_loads(path):
+    cfg = load_config(str(path))
+    assert cfg.task in ("classification", "segmentation") and cfg.data.num_classes > 1
+
+
+@pytest.mark.parametrize("dnc,linear", PAIRS, ids=lambda p: p.name)
+def test_dnc_and_linear_share_the_recipe(dnc, linear):
+    a, b = to_dict(load_config(str(dnc))), to_dict(load_config(str(linear)))
+    assert (a["model"].pop("head"), b["model"].pop("head")) == ("dnc", "linear")
+    a["model"].pop("dnc"), b["model"].pop("dnc")  # unused by the linear head
+    assert a == b
+
+
+def test_inheritance_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("train: {epochs: 3}\ndata: {batch_size: 8, crop_size: [4, 4]}\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\ndata: {batch_size: 16}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"), ("optim.lr=0.5", "data.crop_size=[2,3]", "model.dnc.momentum=0.9"))
+    assert (cfg.train.epochs, cfg.data.batch_size, cfg.data.crop_size) == (3, 16, [2, 3])
+    assert (cfg.optim.lr, cfg.model.dnc.momentum) == (0.5, 0.9)
+    (tmp_path / "loop.yaml").write_text("_base_: loop.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(str(tmp_path / "loop.yaml"))
+
+
+def test_package_configs_resolve_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/demo/digits_dnc.yaml").model.head == "dnc"
+    assert Path("configs").exists() is False
