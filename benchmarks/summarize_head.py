@@ -22,6 +22,16 @@ def med(values):
     return f"{m:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
+
+def table(runs, part: str, header: tuple, ratios: tuple) -> None:
+    """A Markdown table of ``runs[i][part]``: median ms per entry and the median of each ratio field."""
+    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    first = runs[0][part]
+    for name in first["ms"]:
+        cells = [med([r[part]["ms"][name]["median_ms"] for r in runs])]
+        cells += [med([r[part][f].get(name) for r in runs]) if name in first[f] else "" for f in ratios]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
 def main(paths) -> int:
     runs = [json.load(open(p)) for p in paths]
     r0 = runs[0]
@@ -36,13 +46,8 @@ def main(paths) -> int:
     h = r0["head"]["sizes"]
     print(f"**a. Head training step** (B={h['B']}, C={h['C']}, K={h['K']}, D={h['D']}, features {h['features']}, "
           f"memory {h['memory_size']} / every {h['update_interval']} steps)\n")
-    print("| variant | ms per step | x linear | added ms vs linear |")
-    print("| --- | --- | --- | --- |")
-    for name in r0["head"]["ms"]:
-        ms = med([r["head"]["ms"][name]["median_ms"] for r in runs])
-        x = med([r["head"]["ratio_vs_linear"].get(name) for r in runs]) if name in r0["head"]["ratio_vs_linear"] else ""
-        add = med([r["head"]["added_ms_vs_linear"].get(name) for r in runs]) if name in r0["head"]["added_ms_vs_linear"] else ""
-        print(f"| {name} | {ms} | {x} | {add} |")
+    table(runs, "head", ("variant", "ms per step", "x linear", "added ms vs linear"),
+          ("ratio_vs_linear", "added_ms_vs_linear"))
     print(f"\nnaive per-class loop / vectorised, memory clustering event: "
           f"x{med([r['head']['event_speedup_naive_over_vectorised'] for r in runs])}")
     if "resnet50" in r0:
@@ -56,13 +61,8 @@ def main(paths) -> int:
     p = r0["pixel"]["sizes"]
     print(f"\n**b/c. Per-pixel clustering step** (N={p['N']}, C={p['C']}, K={p['K']}, D={p['D']}, class sizes "
           f"{p['smallest_class']}-{p['largest_class']} ({p['label_distribution']}), 5% ignored, cap {p['max_per_class']})\n")
-    print("| what | ms | naive loop / this (like for like) | this / matmul |")
-    print("| --- | --- | --- | --- |")
-    for name in r0["pixel"]["ms"]:
-        ms = med([r["pixel"]["ms"][name]["median_ms"] for r in runs])
-        sp = med([r["pixel"]["speedup_naive_over"].get(name) for r in runs]) if name in r0["pixel"]["speedup_naive_over"] else ""
-        vm = med([r["pixel"]["ratio_vs_matmul"].get(name) for r in runs]) if name in r0["pixel"]["ratio_vs_matmul"] else ""
-        print(f"| {name} | {ms} | {sp} | {vm} |")
+    table(runs, "pixel", ("what", "ms", "naive loop / this (like for like)", "this / matmul"),
+          ("speedup_naive_over", "ratio_vs_matmul"))
     ck = [r["pixel"]["check_vs_naive"] for r in runs]
     print(f"\nvectorised vs naive loop on the same inputs: assignment agreement "
           f"{min(c['assignment_agreement'] for c in ck) * 100:.3f}% (worst run), centroid max |diff| "

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import Config, from_dict, to_dict
 from .engine import load_checkpoint, save_checkpoint, setup_distributed, unwrap
+from .data.classification import read_rgb
 from .tasks import autocast, build_cls_split, build_datasets, build_eval_loader, evaluate, load_trained_model
 
 __all__ = ["TopMSearch", "TrainingMatches", "search_training_set", "anchor_model", "subcentroid_statistics",
@@ -622,11 +623,7 @@ def _explain_examples(cfg, anchored, records, val, raw_train, anchor_index, clas
 def _load_image(path: str) -> Image.Image:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: image not found")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - PIL raises many kinds
-        raise ValueError(f"{path}: cannot read image: {e}") from None
+    return read_rgb(path)
 
 
 def _predict_transform(cfg):

@@ -29,11 +29,20 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 __all__ = [
-    "IMG_EXTENSIONS", "CIFAR", "ImageFolder", "Digits", "LabeledSubset",
+    "IMG_EXTENSIONS", "read_rgb", "CIFAR", "ImageFolder", "Digits", "LabeledSubset",
     "find_classes", "holdout", "check_labels", "collate", "build_cls_dataset",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def read_rgb(path) -> Image.Image:
+    """Decode an image file as RGB; any failure is one ``ValueError`` naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise ValueError(f"{path}: cannot read image: {err}") from None
 
 
 # --------------------------------------------------------------------------------------- CIFAR
@@ -210,12 +219,11 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            with Image.open(path) as img:
-                image = F.to_image(img.convert("RGB"))
-        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            image = F.to_image(read_rgb(path))
+        except ValueError:
             if self.on_bad == "skip":
                 return None
-            raise ValueError(f"{path}: cannot read image: {err}") from None
+            raise
         if self.transform is not None:
             image = self.transform(image)
         return image, label

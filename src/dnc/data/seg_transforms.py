@@ -32,17 +32,18 @@ from torchvision.transforms.v2 import functional as F
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
-    "rescale_size", "Resize", "RandomResize", "RandomCrop", "PhotoMetricDistortion", "Normalize",
+    "pair", "rescale_size", "Resize", "RandomResize", "RandomCrop", "PhotoMetricDistortion", "Normalize",
     "Pad", "SegCompose", "build_seg_transforms", "seg_collate", "rgb_to_hsv", "hsv_to_rgb",
 ]
 
 Size = Tuple[int, int]
 
 
-def _pair(name: str, value: Union[int, Sequence[int]]) -> Size:
-    if isinstance(value, int):
-        return value, value
-    value = tuple(int(v) for v in value)
+def pair(name: str, value: Union[int, Sequence[int], None]) -> Optional[Size]:
+    """``(h, w)`` from an int or a pair of positive ints (``None`` stays ``None``); else one clear error."""
+    if value is None:
+        return None
+    value = (int(value), int(value)) if isinstance(value, (int, float)) else tuple(int(v) for v in value)
     if len(value) != 2 or min(value) <= 0:
         raise ValueError(f"{name}: expected a positive int or (h, w), got {value!r}")
     return value
@@ -113,7 +114,7 @@ class RandomCrop:
     """
 
     def __init__(self, crop_size: Size, cat_max_ratio: float = 1.0, ignore_index: int = 255):
-        self.crop_size = _pair("crop_size", crop_size)
+        self.crop_size = pair("crop_size", crop_size)
         self.cat_max_ratio, self.ignore_index = cat_max_ratio, ignore_index
 
     def _window(self, h: int, w: int) -> Tuple[int, int, int, int]:
@@ -238,7 +239,7 @@ class Pad:
     """Pad bottom and right up to ``size`` (h, w): the image with ``fill``, the mask with ``ignore_index``."""
 
     def __init__(self, size: Size, fill: float = 0.0, ignore_index: int = 255):
-        self.size = _pair("size", size)
+        self.size = pair("size", size)
         self.fill, self.ignore_index = fill, ignore_index
 
     def __call__(self, image, mask):
@@ -291,7 +292,7 @@ def build_seg_transforms(train: bool, crop_size: Union[int, Size] = (512, 512),
     if not train:
         steps: List[Callable] = [] if scale is None else [Resize(scale)]
         return SegCompose(steps + [Normalize(mean, std)])
-    crop_size = _pair("crop_size", crop_size)
+    crop_size = pair("crop_size", crop_size)
     steps = [RandomResize(scale, ratio_range),
              RandomCrop(crop_size, cat_max_ratio, ignore_index)]
     if flip_prob > 0:

@@ -29,6 +29,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from .classification import read_rgb
+
 __all__ = [
     "ADE20K_CLASSES", "CITYSCAPES_CLASSES", "CAMVID_CLASSES",
     "SegFolder", "ADE20K", "Cityscapes", "CamVid",
@@ -133,14 +135,6 @@ def read_mask(path, lut: Optional[np.ndarray] = None) -> np.ndarray:
     return out
 
 
-def _read_image(path) -> tv_tensors.Image:
-    try:
-        with Image.open(path) as img:
-            return F.to_image(img.convert("RGB"))
-    except Exception as err:
-        raise ValueError(f"{path}: cannot read image: {err}") from None
-
-
 # ------------------------------------------------------------------------------------ datasets
 class SegFolder(Dataset):
     """Images and masks in two folders, paired by relative path and stem (MMSeg's custom dataset).
@@ -201,7 +195,7 @@ class SegFolder(Dataset):
 
     def __getitem__(self, index: int):
         img_path, mask_path = self.files[index]
-        image = _read_image(img_path)
+        image = F.to_image(read_rgb(img_path))
         mask = tv_tensors.Mask(torch.from_numpy(read_mask(mask_path, self.lut)))
         if image.shape[-2:] != mask.shape:
             raise ValueError(f"{img_path}: image is {tuple(image.shape[-2:])} (H, W) but its mask "

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvBNReLU", "FCNDecoder", "ASPPDecoder", "UPerDecoder", "build_decoder"]
+__all__ = ["ConvBNReLU", "FCNDecoder", "ASPPDecoder", "UPerDecoder", "build_decoder", "resize"]
 
 
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
+def resize(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize of an NCHW map (``align_corners=False``); a no-op at the same size."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
@@ -94,7 +95,7 @@ class ASPPDecoder(nn.Module):
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         x = features[self.in_index]
-        outs = [_resize(self.image_pool(x), x.shape[-2:])] + [branch(x) for branch in self.aspp]
+        outs = [resize(self.image_pool(x), x.shape[-2:])] + [branch(x) for branch in self.aspp]
         return self.dropout(self.bottleneck(torch.cat(outs, dim=1)))
 
 
@@ -121,7 +122,7 @@ class UPerDecoder(nn.Module):
         self.out_channels = channels
 
     def _ppm(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [x] + [_resize(stage(x), x.shape[-2:]) for stage in self.psp]
+        outs = [x] + [resize(stage(x), x.shape[-2:]) for stage in self.psp]
         return self.psp_bottleneck(torch.cat(outs, dim=1))
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
@@ -129,10 +130,10 @@ class UPerDecoder(nn.Module):
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, features)]
         laterals.append(self._ppm(features[-1]))
         for i in range(len(laterals) - 1, 0, -1):  # top-down pathway
-            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
+            laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[-2:])
         outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
         size = outs[0].shape[-2:]
-        fused = self.fpn_bottleneck(torch.cat([_resize(o, size) for o in outs], dim=1))
+        fused = self.fpn_bottleneck(torch.cat([resize(o, size) for o in outs], dim=1))
         return self.dropout(fused)
 
 

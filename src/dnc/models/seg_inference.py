@@ -7,29 +7,17 @@ softmax probabilities, and the probabilities of all views (scales x flips) are a
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+from ..data.seg_transforms import pair
+from .decoders import resize
+
 __all__ = ["seg_inference", "slide_logits"]
 
 Size = Tuple[int, int]
-
-
-def _pair(name: str, value: Union[int, Sequence[int], None]) -> Optional[Size]:
-    if value is None:
-        return None
-    pair = (int(value), int(value)) if isinstance(value, (int, float)) else tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) <= 0:
-        raise ValueError(f"{name}: expected a positive int or (h, w), got {value!r}")
-    return pair
-
-
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def _logits(forward: Callable, image: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -63,7 +51,7 @@ def slide_logits(forward: Callable, image: torch.Tensor, num_classes: int, crop_
             ph, pw = ch - crop.shape[-2], cw - crop.shape[-1]
             if ph or pw:
                 crop = F.pad(crop, (0, pw, 0, ph))
-            logits = _resize(_logits(forward, crop, num_classes), (ch, cw))
+            logits = resize(_logits(forward, crop, num_classes), (ch, cw))
             total[..., y1:y2, x1:x2] += logits[..., : y2 - y1, : x2 - x1]
             count[..., y1:y2, x1:x2] += 1
     return total / count
@@ -95,12 +83,12 @@ def seg_inference(forward: Callable[[torch.Tensor], torch.Tensor], image: torch.
         raise ValueError(f"seg_inference: expected an image batch (B, 3, H, W), got shape {tuple(image.shape)}")
     if mode not in ("whole", "slide"):
         raise ValueError(f"seg_inference: mode must be 'whole' or 'slide', got {mode!r}")
-    out_size = _pair("out_size", out_size)
-    crop = _pair("crop_size", crop_size)
+    out_size = pair("out_size", out_size)
+    crop = pair("crop_size", crop_size)
     if mode == "slide":
         if crop is None:
             raise ValueError("seg_inference: mode 'slide' needs crop_size")
-        step = _pair("stride", stride) or (math.ceil(crop[0] * 2 / 3), math.ceil(crop[1] * 2 / 3))
+        step = pair("stride", stride) or (math.ceil(crop[0] * 2 / 3), math.ceil(crop[1] * 2 / 3))
     if not scales:
         raise ValueError("seg_inference: scales must hold at least one ratio")
 
@@ -108,7 +96,7 @@ def seg_inference(forward: Callable[[torch.Tensor], torch.Tensor], image: torch.
     probs = None
     views = 0
     for s in scales:
-        scaled = image if s == 1 else _resize(image, (int(h * s + 0.5), int(w * s + 0.5)))
+        scaled = image if s == 1 else resize(image, (int(h * s + 0.5), int(w * s + 0.5)))
         for flipped in (False, True) if flip else (False,):
             x = scaled.flip(-1) if flipped else scaled
             if mode == "slide":
@@ -117,7 +105,7 @@ def seg_inference(forward: Callable[[torch.Tensor], torch.Tensor], image: torch.
                 logits = _logits(forward, x, num_classes)
             if flipped:
                 logits = logits.flip(-1)
-            p = _resize(logits, out_size).float().softmax(dim=1)
+            p = resize(logits, out_size).float().softmax(dim=1)
             probs = p if probs is None else probs + p
             views += 1
     return probs / views
