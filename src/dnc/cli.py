@@ -52,6 +52,13 @@ def _seed(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def _threads(n: int) -> None:
+    """``train.threads``: the number of torch threads on the CPU (0: torch's default)."""
+    if n > 0:
+        import torch
+        torch.set_num_threads(n)
+
+
 def cmd_train(args) -> dict:
     from .config import load_config, to_dict
     from .engine import make_loader, setup_distributed, train_loop
@@ -63,6 +70,7 @@ def cmd_train(args) -> dict:
     if resume == "auto":
         resume = str(work_dir / "last.pt")
     info = setup_distributed(cfg.train.device)
+    _threads(cfg.train.threads)
     _seed(cfg.train.seed + info.rank, cfg.train.deterministic)
     datasets, classes = build_datasets(cfg)
     if info.is_main:
@@ -100,6 +108,7 @@ def cmd_test(args) -> dict:
         if m not in valid:
             raise ConfigError(f"--metrics {m!r} is not available for {cfg.task}; valid choices: {', '.join(sorted(valid))}")
     info = setup_distributed(cfg.train.device)
+    _threads(cfg.train.threads)
     ckpt = load_checkpoint(args.checkpoint)
     model = load_trained_model(cfg, ckpt, args.checkpoint)
     datasets, classes = build_datasets(cfg, ("val",))

