@@ -6,6 +6,8 @@
 ``DIR`` is laid out by ``benchmarks/evidence_data.py``. Each variant is the recipe's DNC config with a
 few overrides (the linear twin is the reference row); the figure is the final validation metric of
 ``dnc train`` (``metrics.json``), so the test split stays untouched for ``benchmarks/evidence.py``.
+The variants are relative to the recipe's current defaults (the 2026-11-27 H100 results in
+``benchmarks/results/`` were made when the CamVid recipe still had momentum 0.99, since changed to 0.9).
 Results are appended to ``OUT/<recipe>.jsonl`` (one line per run, with its command). ``--jobs N`` runs N
 trainings at once (on a GPU, small runs leave it mostly idle; not for timing).
 """
@@ -39,7 +41,7 @@ VARIANTS = {
         "linear": ["model.head=linear"],
         "dnc": [],
         "init=random": ["model.dnc.init=random"],
-        "momentum=0.9": ["model.dnc.momentum=0.9"],
+        "momentum=0.99": ["model.dnc.momentum=0.99"],
         "momentum=0.999": ["model.dnc.momentum=0.999"],
         "no contrast/compact": ["model.dnc.contrast_weight=0.0", "model.dnc.compact_weight=0.0"],
         "calibration=layernorm": ["model.dnc.calibration=layernorm"],
