@@ -8,10 +8,13 @@ schedule, loss scaler, RNG states and the position inside the epoch.
 """
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -28,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .config import Config, to_dict
 
 __all__ = ["DistInfo", "setup_distributed", "EpochSampler", "SeededDataset", "make_loader", "build_optimizer",
-           "build_scheduler", "save_checkpoint", "load_checkpoint", "CheckpointError", "TrainingError", "train_loop",
+           "build_scheduler", "save_checkpoint", "load_checkpoint", "load_resumable", "atomic_write",
+           "remove_stale_temporaries", "ignore_stop_signals", "CheckpointError", "TrainingError", "train_loop",
            "JsonLogger", "unwrap"]
 
 CHECKPOINT_FORMAT = "dnc-checkpoint"
@@ -75,11 +79,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _all_reduce_max(flag: bool, device: torch.device) -> bool:
+def _host_group():
+    """A process group for small host-side agreements (stop flag, empty batch): the default group under
+    gloo, a gloo group beside NCCL otherwise, so that agreeing never waits on the GPU. A collective:
+    every process calls it at the same point."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _all_reduce_max(flag: bool, group=None) -> bool:
+    """Whether any process's ``flag`` is set (a CPU tensor: no host-device synchronisation)."""
     if not dist.is_initialized():
         return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 
@@ -130,12 +142,23 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
+def ignore_stop_signals(worker_id: int, then: Optional[Callable[[int], None]] = None) -> None:
+    """``worker_init_fn`` of every loader: a DataLoader worker ignores SIGINT/SIGTERM, so that a signal sent
+    to the whole process group (a cluster scheduler, Ctrl-C) leaves stopping and saving to the main
+    process instead of killing the workers under it. ``then``: a ``worker_init_fn`` of the caller's."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, info: DistInfo, seed: int, num_workers: int,
-                collate_fn: Callable) -> DataLoader:
+                collate_fn: Callable, worker_init_fn: Optional[Callable[[int], None]] = None) -> DataLoader:
     sampler = EpochSampler(len(dataset), shuffle, seed, info.rank, info.world)
     return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_fn, drop_last=shuffle, pin_memory=info.device.type == "cuda",
-                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=functools.partial(ignore_stop_signals, then=worker_init_fn))
 
 
 # --------------------------------------------------------------------------------------------- optimisation
@@ -177,20 +200,57 @@ def build_scheduler(optimizer, cfg, total: int, iters_per_epoch: int):
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a temporary file in the same folder, flushed, then renamed over ``path``."""
+_TMP = ".tmp"
+
+
+def atomic_write(path, write: Callable) -> None:
+    """Write ``path`` atomically: ``write(f)`` fills a temporary file of the same folder (named
+    ``.NAME.tmpPID``, created with the usual permissions, e.g. 0644), flushed, then renamed over ``path``.
+    A failure leaves ``path`` as it was and is one ``OSError`` naming it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # e.g. a full disk: say which checkpoint could not be written
-        raise OSError(e.errno, f"{path}: cannot write checkpoint: {e.strerror or e}") from e
+    except (OSError, RuntimeError) as e:  # torch.save may wrap a failed write in a RuntimeError
+        full = getattr(e, "errno", None) == errno.ENOSPC or (
+            isinstance(e, RuntimeError) and "write" in str(e) and shutil.disk_usage(path.parent).free < 2**20)
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left while writing {path}") from None
+        if isinstance(e, RuntimeError) and "write" not in str(e):
+            raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise OSError(getattr(e, "errno", None), f"cannot write {path}: {why}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder) -> list:
+    """Remove the temporary files of :func:`atomic_write` left in ``folder`` by a process that no longer
+    runs (a killed save); returns their paths."""
+    removed = []
+    for p in Path(folder).glob(f".*{_TMP}*"):
+        pid = p.name.rsplit(_TMP, 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write a checkpoint atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -206,6 +266,19 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p}: not a dnc checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     return state
+
+
+_TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler", "train_state", "rng", "config")
+
+
+def load_resumable(path) -> dict:
+    """A checkpoint that training can continue from (:func:`load_checkpoint` plus its training state)."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in _TRAINING_STATE if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: cannot resume from it: it holds no training state ({', '.join(missing)} "
+                              f"missing); a model saved for testing or explaining can be tested, not resumed")
+    return ckpt
 
 
 def _rng_state() -> dict:
@@ -260,6 +333,38 @@ class _StopRequest:
             signal.signal(s, h)
 
 
+class _StopAgreement:
+    """Whether every process stops after this step, the same answer everywhere, without a host-device
+    synchronisation.
+
+    One process: the signal flag itself, read in Python at every step. Several: each step starts an
+    asynchronous all-reduce (max) of this process's flag on a host-side group and reads the one
+    started at the step before, so all processes stop together one step after the first signal.
+    """
+
+    def __init__(self, stop: _StopRequest, group=None):
+        self.stop, self.group, self.pending = stop, group, None
+
+    def __call__(self) -> bool:
+        local = self.stop.signal is not None
+        if not dist.is_initialized():
+            return local
+        agreed = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            agreed = bool(flag.item())  # a CPU tensor
+        flag = torch.tensor([float(local)])
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return agreed
+
+    def close(self) -> None:
+        """Finish the all-reduce in flight (every process has started the same number of them)."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
+
+
 # --------------------------------------------------------------------------------------------- the loop
 @dataclass
 class TrainState:
@@ -271,9 +376,12 @@ class TrainState:
 
 def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: DistInfo, work_dir: Path,
                evaluate: Callable[[nn.Module], dict], metric_key: str, resume: Optional[str] = None,
-               classes: Optional[list] = None, before_training: Optional[Callable[[nn.Module], None]] = None) -> dict:
-    """Train ``model`` as ``cfg`` says; returns the final evaluation metrics.
+               classes: Optional[list] = None, before_training: Optional[Callable[[nn.Module], None]] = None,
+               resume_state: Optional[dict] = None) -> dict:
+    """Train ``model`` as ``cfg`` says; returns the final evaluation metrics, or ``{"stopped": True, "iter",
+    "reason"}`` when a signal or ``train.stop_after`` stopped it with a resumable ``last.pt``.
 
+    ``resume``: the checkpoint to continue from (``resume_state``: its contents, if already loaded).
     ``evaluate(model)`` runs on every process and returns the same metrics dict on each.
     """
     t = cfg.train
@@ -290,7 +398,7 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
     state = TrainState()
     log = JsonLogger(work_dir / "log.jsonl" if info.is_main else None)
     if resume:
-        ckpt = load_checkpoint(resume)
+        ckpt = resume_state if resume_state is not None else load_resumable(resume)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -298,6 +406,7 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
         state = TrainState(**ckpt["train_state"])
         _set_rng_state(ckpt["rng"])
         _restore_per_process(model, ckpt, info, resume, log)
+        state.best = _best_so_far(state.best, work_dir / "best.pt", metric_key, info)
         log(mode="resume", checkpoint=str(resume), iter=state.it, epoch=state.epoch)
     elif before_training is not None:
         before_training(model)
@@ -322,6 +431,7 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
             dist.barrier()
 
     def run_eval() -> dict:
+        """Evaluate (after ``last.pt`` was saved: a failed evaluation loses no training) and keep the best."""
         _sync_buffers(model)  # every process evaluates the model that is saved (process 0's BatchNorm statistics)
         metrics = evaluate(model)
         if info.is_main:
@@ -336,12 +446,15 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
 
     sampler: EpochSampler = train_loader.sampler
     stop = _StopRequest()
-    metrics: dict = {}
+    group = _host_group() if dist.is_initialized() else None
+    agree = _StopAgreement(stop, group)
     run_steps = 0
     bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
     sums: dict = {}
     window = 0  # steps summed in ``sums``
     progress = _progress(total, state.it, info.is_main)
+    # Nothing in a step reads a device value on the host (no synchronisation): the loss is checked and the
+    # sums are read at log steps only, and the stop flag is a Python flag (agreed asynchronously under DDP).
     with stop, closing(progress):  # closed on errors too, so that an error message starts its own line
         while state.it < total:
             sampler.epoch, sampler.start = state.epoch, state.epoch_it * cfg.data.batch_size
@@ -351,7 +464,7 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                 # update; under DDP all processes skip it together, so that none waits for the others.
                 empty = len(targets) == 0
                 if info.world > 1 and cfg.data.on_bad_sample == "skip":
-                    empty = _all_reduce_max(empty, info.device)
+                    empty = _all_reduce_max(empty, group)
                 if not empty:
                     images = images.to(info.device, non_blocking=True)
                     targets = targets.to(info.device, non_blocking=True)
@@ -379,13 +492,14 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                 progress.update(1)
                 end = state.it >= total
                 at_log = state.it % t.log_interval == 0 or end
-                if at_log or info.world == 1:  # under DDP the signal check is a collective: only at log steps
-                    if _all_reduce_max(stop.signal is not None, info.device) or (t.stop_after and run_steps >= t.stop_after):
-                        _check_finite(bad_step, state)
-                        checkpoint()
-                        log(mode="stop", iter=state.it, epoch=state.epoch, reason=stop.signal or "stop_after")
-                        progress.close()
-                        return {"stopped": True, "iter": state.it}
+                if agree() or (t.stop_after and run_steps >= t.stop_after):
+                    agree.close()
+                    _check_finite(bad_step, state)
+                    checkpoint()
+                    reason = stop.signal or "stop_after"
+                    log(mode="stop", iter=state.it, epoch=state.epoch, reason=reason)
+                    progress.close()
+                    return {"stopped": True, "iter": state.it, "reason": reason}
                 if at_log:
                     _check_finite(bad_step, state)
                     record = {k: (v.item() if torch.is_tensor(v) else v) / (1 if k == "skipped" else max(window, 1))
@@ -396,8 +510,8 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                     sums, window = {}, 0
                 if t.iters and state.it % t.eval_interval == 0 and not end:
                     _check_finite(bad_step, state)  # never evaluate or checkpoint weights a NaN reached
-                    metrics = run_eval()
-                    checkpoint(metrics=metrics)
+                    checkpoint()
+                    run_eval()
                     ddp.train()
                 if end:
                     break
@@ -406,14 +520,16 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                 state.epoch_it = 0
                 if t.epochs and state.epoch % t.eval_interval == 0 and state.it < total:
                     _check_finite(bad_step, state)
-                    metrics = run_eval()
-                    checkpoint(metrics=metrics)
+                    checkpoint()
+                    run_eval()
                 continue
             break
+    agree.close()
     progress.close()
     _check_finite(bad_step, state)
+    checkpoint()
     metrics = run_eval()
-    checkpoint(metrics=metrics)
+    checkpoint(metrics=metrics)  # the final metrics travel with last.pt
     return metrics
 
 
@@ -469,6 +585,22 @@ def _restore_per_process(model: nn.Module, ckpt: dict, info: DistInfo, path, log
     if info.is_main:
         print(f"dnc: warning: {message}", file=sys.stderr, flush=True)
     log(mode="warning", message=message)
+
+
+def _best_so_far(best: Optional[float], path: Path, key: str, info: DistInfo) -> Optional[float]:
+    """The best evaluation of the run: ``last.pt`` is saved before each evaluation, so ``best.pt`` may
+    hold a later, better one (every process gets process 0's answer)."""
+    value = [best]
+    if info.is_main and path.is_file():
+        try:
+            saved = load_checkpoint(path).get("metrics", {}).get(key)
+        except CheckpointError:
+            saved = None
+        if saved is not None and (best is None or saved > best):
+            value = [saved]
+    if dist.is_initialized():
+        dist.broadcast_object_list(value, 0)
+    return value[0]
 
 
 def _check_finite(bad_step: torch.Tensor, state: TrainState) -> None:
