@@ -18,13 +18,14 @@ import pytest
 import torch
 
 from ddp_runner import SCENARIOS, make_subcentroids, scenario_batches
-from dnc.cli import main
+from dnc.cli import EXIT_STOPPED, main
 from dnc.engine import load_checkpoint
 from dnc_tiny import CONFIG, NUM_VAL, TINY, assert_same_training_state, free_port, one_thread, subprocess_env
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
-STOP = 37  # under DDP the stop request is checked at log steps: the run stops at step 40 (mid-epoch)
+STOP = 37  # mid-epoch
+SIGTERM_AT = 7  # process 1 alone receives SIGTERM during step 7, far from a log step (every 50)
 MEMORY = ("memory_z", "memory_y", "memory_ok")
 
 
@@ -40,6 +41,8 @@ def ddp(tmp_path_factory) -> Path:
         {"tag": "resumed", "argv": [*train, "--work-dir", str(out / "resumed"), "--resume", str(out / "stop" / "last.pt")]},
         {"tag": "test", "argv": ["test", CONFIG, str(out / "full" / "last.pt"), "--out", str(out / "preds.json"), *TINY]},
         # process 1 alone sees a NaN loss at step 5, a log step (where the loss is checked)
+        {"tag": "sigterm", "argv": [*train, "--work-dir", str(out / "sigterm"), "train.log_interval=50"],
+         "sigterm": [1, SIGTERM_AT], "expect": EXIT_STOPPED},
         {"tag": "nan", "argv": [*train, "--work-dir", str(out / "nan"), "train.iters=10"], "nan": [1, 5], "expect": 1},
     ]
     (out / "spec.json").write_text(json.dumps(spec))
@@ -51,16 +54,17 @@ def ddp(tmp_path_factory) -> Path:
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
+        stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun did not finish in 300 s:\n{stderr[-4000:]}")
     assert proc.returncode == 0, stderr[-4000:]
     for step in spec:
         expect = str(step.get("expect", 0))
         assert [(out / f"{step['tag']}_rank{r}.rc").read_text() for r in (0, 1)] == [expect, expect], step["tag"]
     (out / "stderr.txt").write_text(stderr)
+    (out / "stdout.txt").write_text(stdout)
     return out
 
 
@@ -115,7 +119,7 @@ def test_evaluation_counts_every_sample_once(ddp, tmp_path):
 
 def test_resume_under_ddp_is_exact_memory_shards_included(ddp):
     stop = [json.loads(line) for line in (ddp / "stop" / "log.jsonl").read_text().splitlines()][-1]
-    assert stop["mode"] == "stop" and stop["iter"] == 40
+    assert stop["mode"] == "stop" and stop["iter"] == STOP
     for full, resumed in zip(ranks(ddp, "full"), ranks(ddp, "resumed")):
         differ = [k for k, v in full["model"].items() if torch.is_tensor(v) and not torch.equal(v, resumed["model"][k])]
         assert not differ, f"the resumed run differs in {differ}"
@@ -136,6 +140,16 @@ def test_resume_with_another_number_of_processes_warns_and_uses_shard_0(ddp, tmp
     ptr = int(ckpt["model"]["head.centroids.memory_ptr"])
     kept = [(ptr + 32 + i) % 80 for i in range(80 - 32)]
     assert torch.equal(after["head.centroids.memory_z"][kept], ckpt["model"]["head.centroids.memory_z"][kept])
+
+
+def test_a_sigterm_on_one_process_stops_every_process_at_the_next_step(ddp):
+    """Under torchrun a stop request is agreed at every step (asynchronously: the flag of step t is read at
+    step t+1), not only at log steps: before the fix this run went on to step 50, its first log step."""
+    stop = [json.loads(line) for line in (ddp / "sigterm" / "log.jsonl").read_text().splitlines()][-1]
+    assert stop["mode"] == "stop" and stop["reason"] == "SIGTERM" and stop["iter"] == SIGTERM_AT + 1, stop
+    ckpt = load_checkpoint(ddp / "sigterm" / "last.pt")
+    assert ckpt["train_state"]["it"] == SIGTERM_AT + 1 and ckpt["world"] == 2
+    assert "stopped by SIGTERM" in (ddp / "stdout.txt").read_text()
 
 
 def test_a_nan_loss_on_one_process_stops_every_process(ddp):

@@ -335,26 +335,25 @@ class _StopRequest:
 
 class _StopAgreement:
     """Whether every process stops after this step, the same answer everywhere, without a host-device
-    synchronisation.
+    synchronisation: ``None``, or the name of the signal that asked for the stop.
 
     One process: the signal flag itself, read in Python at every step. Several: each step starts an
-    asynchronous all-reduce (max) of this process's flag on a host-side group and reads the one
-    started at the step before, so all processes stop together one step after the first signal.
+    asynchronous all-reduce (max) of this process's signal number on a host-side group and reads the
+    one started at the step before, so all processes stop together one step after the first signal.
     """
 
     def __init__(self, stop: _StopRequest, group=None):
         self.stop, self.group, self.pending = stop, group, None
 
-    def __call__(self) -> bool:
-        local = self.stop.signal is not None
+    def __call__(self) -> Optional[str]:
         if not dist.is_initialized():
-            return local
-        agreed = False
+            return self.stop.signal
+        agreed = None
         if self.pending is not None:
             work, flag = self.pending
             work.wait()
-            agreed = bool(flag.item())  # a CPU tensor
-        flag = torch.tensor([float(local)])
+            agreed = signal.Signals(int(flag.item())).name if flag.item() else None  # a CPU tensor
+        flag = torch.tensor([float(signal.Signals[self.stop.signal]) if self.stop.signal else 0.0])
         self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
         return agreed
 
@@ -492,11 +491,12 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                 progress.update(1)
                 end = state.it >= total
                 at_log = state.it % t.log_interval == 0 or end
-                if agree() or (t.stop_after and run_steps >= t.stop_after):
+                signalled = agree()
+                if signalled or (t.stop_after and run_steps >= t.stop_after):
                     agree.close()
                     _check_finite(bad_step, state)
                     checkpoint()
-                    reason = stop.signal or "stop_after"
+                    reason = signalled or "stop_after"
                     log(mode="stop", iter=state.it, epoch=state.epoch, reason=reason)
                     progress.close()
                     return {"stopped": True, "iter": state.it, "reason": reason}
