@@ -6,6 +6,7 @@ module builds those pieces from a :class:`~dnc.config.Config`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import torch
@@ -16,7 +17,7 @@ from .config import Config, ConfigError
 from .engine import DistInfo, make_loader, unwrap
 
 __all__ = ["build_model", "build_cls_split", "build_datasets", "load_trained_model", "build_eval_loader", "evaluate",
-           "metric_key", "head_kwargs", "collate_fn", "autocast", "init_centroids_from_data"]
+           "metric_key", "head_kwargs", "collate_fn", "autocast", "init_centroids_from_data", "check_classes"]
 
 
 def head_kwargs(cfg: Config) -> dict:
@@ -28,6 +29,32 @@ def head_kwargs(cfg: Config) -> dict:
 
 
 def build_model(cfg: Config, pretrained: Optional[str] = None) -> nn.Module:
+    weights = cfg.model.pretrained if pretrained is None else pretrained
+    if weights and os.path.isfile(weights) and os.path.getsize(weights) == 0:
+        raise ConfigError(f"model.pretrained: {weights} is empty (0 bytes; an interrupted download?)")
+    try:
+        return _build_model(cfg, pretrained)
+    except TypeError as e:  # e.g. a misspelt model.backbone_kwargs key reaching the backbone's constructor
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ConfigError(f"model.backbone_kwargs: backbone {cfg.model.backbone!r} does not take "
+                          f"{str(e).rsplit('argument ', 1)[-1]} (given: {', '.join(cfg.model.backbone_kwargs)})") from None
+
+
+def check_classes(ckpt_classes, dataset_classes, path) -> None:
+    """``dnc test``: the checkpoint's class names must be the dataset's, in the same order (labels are
+    positions in that list). A checkpoint without names (an old one) is not checked."""
+    ckpt_classes, dataset_classes = [str(c) for c in ckpt_classes or []], [str(c) for c in dataset_classes or []]
+    if not ckpt_classes or not dataset_classes or ckpt_classes == dataset_classes:
+        return
+    if len(ckpt_classes) != len(dataset_classes):
+        raise ConfigError(f"{path}: trained on {len(ckpt_classes)} classes, the dataset has {len(dataset_classes)}")
+    i = next(i for i, (a, b) in enumerate(zip(ckpt_classes, dataset_classes)) if a != b)
+    raise ConfigError(f"{path}: class {i} is {ckpt_classes[i]!r} in the checkpoint but {dataset_classes[i]!r} in the "
+                      f"dataset (the labels would not mean the same)")
+
+
+def _build_model(cfg: Config, pretrained: Optional[str] = None) -> nn.Module:
     m = cfg.model
     weights = m.pretrained if pretrained is None else pretrained
     if cfg.task == "classification":
