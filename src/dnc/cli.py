@@ -76,14 +76,16 @@ def cmd_train(args) -> dict:
     from .engine import load_resumable, make_loader, remove_stale_temporaries, setup_distributed, train_loop
     from .tasks import build_datasets, build_eval_loader, build_model, collate_fn, evaluate, init_centroids_from_data, metric_key
 
-    cfg = load_config(args.config, tuple(args.overrides))
+    # Resuming, the run's config is the checkpoint's (checked below); the overrides are checked against it.
+    cfg = load_config(args.config, tuple(args.overrides), validate=not args.resume)
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
     resume, ckpt, notes = args.resume, None, []
     if resume == "auto":
         resume = str(work_dir / "last.pt")
     if resume:  # continue the run as it was started: its config is the checkpoint's
         ckpt = load_resumable(resume)
-        _check_same_run(cfg, ckpt["config"], resume, args.config)
+        if Path(resume).resolve().parent != work_dir.resolve():  # a checkpoint from elsewhere: the run of CONFIG?
+            _check_same_run(cfg, ckpt["config"], resume, args.config)
         cfg, notes = resume_config(ckpt["config"], tuple(args.overrides), resume)
     else:
         _fresh_work_dir(work_dir, getattr(args, "force", False))

@@ -280,12 +280,14 @@ def resolve_config_path(path: str) -> Path:
     return p
 
 
-def load_config(path: str, overrides: tuple = ()) -> Config:
-    """Load a YAML config (with ``_base_`` files) and apply ``key=value`` overrides."""
+def load_config(path: str, overrides: tuple = (), validate: bool = True) -> Config:
+    """Load a YAML config (with ``_base_`` files) and apply ``key=value`` overrides (keys, types and
+    choices are always checked; the relations between values only with ``validate``)."""
     data = _read(resolve_config_path(path))
     for item in overrides:
         data = _override(data, item)
-    return from_dict(Config, data).validate()
+    cfg = from_dict(Config, data)
+    return cfg.validate() if validate else cfg
 
 
 # What ``--resume`` lets an override change: where the data is and how the run is watched, never what

@@ -406,7 +406,7 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
         _set_rng_state(ckpt["rng"])
         _restore_per_process(model, ckpt, info, resume, log)
         state.best = _best_so_far(state.best, work_dir / "best.pt", metric_key, info)
-        log(mode="resume", checkpoint=str(resume), iter=state.it, epoch=state.epoch)
+        log(mode="resume", checkpoint=str(resume), iter=state.it, epoch=_epoch(state))
     elif before_training is not None:
         before_training(model)
     _sync_buffers(model)  # e.g. randomly initialised sub-centroids: every process starts from process 0's
@@ -435,8 +435,8 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
         metrics = evaluate(model)
         if info.is_main:
             shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
-            print(f"epoch {state.epoch} iter {state.it}/{total}: {shown}", flush=True)
-        log(mode="val", iter=state.it, epoch=state.epoch, **{k: v for k, v in metrics.items() if not isinstance(v, list)})
+            print(f"epoch {_epoch(state)} iter {state.it}/{total}: {shown}", flush=True)
+        log(mode="val", iter=state.it, epoch=_epoch(state), **{k: v for k, v in metrics.items() if not isinstance(v, list)})
         value = metrics.get(metric_key)
         if value is not None and (state.best is None or value > state.best):
             state.best = value
@@ -451,7 +451,8 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
     bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
     sums: dict = {}
     window = 0  # steps summed in ``sums``
-    progress = _progress(total, state.it, info.is_main)
+    progress = _Progress(total, state.it, info.is_main)
+    seen, started, logged_at = 0, time.perf_counter(), 0  # images, wall time and steps since the last log step
     # Nothing in a step reads a device value on the host (no synchronisation): the loss is checked and the
     # sums are read at log steps only, and the stop flag is a Python flag (agreed asynchronously under DDP).
     with stop, closing(progress):  # closed on errors too, so that an error message starts its own line
@@ -483,6 +484,7 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0.0) + v.detach().float()
                     window += 1
+                    seen += len(targets)
                 scheduler.step()
                 sums["skipped"] = sums.get("skipped", 0) + skipped
                 state.it += 1
@@ -497,17 +499,20 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                     _check_finite(bad_step, state)
                     checkpoint()
                     reason = signalled or "stop_after"
-                    log(mode="stop", iter=state.it, epoch=state.epoch, reason=reason)
+                    log(mode="stop", iter=state.it, epoch=_epoch(state), reason=reason)
                     progress.close()
                     return {"stopped": True, "iter": state.it, "reason": reason}
                 if at_log:
                     _check_finite(bad_step, state)
                     record = {k: (v.item() if torch.is_tensor(v) else v) / (1 if k == "skipped" else max(window, 1))
                               for k, v in sums.items()}
-                    progress.set_postfix(loss=f"{sum(v for k, v in record.items() if k != 'skipped'):.4f}")
+                    record.update(_speed(seen * info.world, time.perf_counter() - started,
+                                         run_steps - logged_at, total - state.it, info.device))
+                    record["loss"] = sum(v for k, v in record.items() if k in sums and k != "skipped")
+                    progress.report(_epoch(state), state.it, record)
                     record.update(_centroid_stats(model))
-                    log(mode="train", iter=state.it, epoch=state.epoch, lr=scheduler.get_last_lr()[0], **record)
-                    sums, window = {}, 0
+                    log(mode="train", iter=state.it, epoch=_epoch(state), lr=scheduler.get_last_lr()[0], **record)
+                    sums, window, seen, started, logged_at = {}, 0, 0, time.perf_counter(), run_steps
                 if t.iters and state.it % t.eval_interval == 0 and not end:
                     _check_finite(bad_step, state)  # never evaluate or checkpoint weights a NaN reached
                     checkpoint()
@@ -531,6 +536,20 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
     metrics = run_eval()
     checkpoint(metrics=metrics)  # the final metrics travel with last.pt
     return metrics
+
+
+def _epoch(state: TrainState) -> int:
+    """The epoch shown in logs, counted from 1: the one of the last step (a finished epoch until the
+    next one starts), so that evaluations after epochs 1, 2 and at the end of 3 read 1, 2, 3."""
+    return state.epoch + (state.epoch_it > 0)
+
+
+def _speed(images: int, seconds: float, steps: int, left: int, device: torch.device) -> dict:
+    """Throughput over the last log window, the time left at that pace and, on a GPU, the peak memory."""
+    out = {"images_per_s": round(images / max(seconds, 1e-9), 2), "eta_s": round(left * seconds / max(steps, 1), 1)}
+    if device.type == "cuda":
+        out["max_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
 
 
 def _centroid_stats(model: nn.Module) -> dict:
@@ -616,19 +635,35 @@ def _check_finite(bad_step: torch.Tensor, state: TrainState) -> None:
                             f"the last checkpoint is the last good one")
 
 
-class _NoProgress:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
+def _clock(seconds: float) -> str:
+    m, sec = divmod(int(seconds + 0.5), 60)
+    return f"{m // 60}:{m % 60:02d}:{sec:02d}"
 
 
-def _progress(total: int, done: int, show: bool):
-    if not show:
-        return _NoProgress()
-    from tqdm import tqdm
-    return tqdm(total=total, initial=done, dynamic_ncols=True, desc="train", leave=False)
+class _Progress:
+    """Progress of process 0: a tqdm bar on a terminal, otherwise a plain line at each log step."""
+
+    def __init__(self, total: int, done: int, show: bool):
+        self.total, self.show, self.bar = total, show, None
+        if show and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, dynamic_ncols=True, desc="train", leave=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def report(self, epoch: int, it: int, record: dict) -> None:
+        if not self.show:
+            return
+        text = f"loss {record['loss']:.4f}, {record['images_per_s']:.1f} images/s, ETA {_clock(record['eta_s'])}"
+        if "max_mem_mib" in record:
+            text += f", peak memory {record['max_mem_mib']:.0f} MiB"
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+        else:
+            print(f"epoch {epoch} iter {it}/{self.total}: {text}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
