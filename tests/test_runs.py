@@ -214,5 +214,5 @@ def test_epochs_are_numbered_the_same_in_every_evaluation(tmp_path, capsys):
     work = tmp_path / "run"
     assert train(work, *TINY, "data.batch_size=256", "train.iters=0", "train.epochs=3", "train.eval_interval=1") == 0
     assert [r["epoch"] for r in records(work, "val")] == [1, 2, 3]
-    assert [line.split(" iter")[0] for line in capsys.readouterr().out.splitlines() if "top1" in line] == \
+    assert [line.split(" iter")[0] for line in capsys.readouterr().out.splitlines() if ": top1" in line] == \
         ["epoch 1", "epoch 2", "epoch 3"]
