@@ -27,6 +27,10 @@ _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 SHORT = [*TINY, "train.iters=20", "train.eval_interval=10"]
 
 
+FOLDER = ["data.dataset=imagefolder", "data.num_classes=2", "data.batch_size=8", "model.backbone_kwargs.width=4",
+          "model.backbone_kwargs.num_features=16", "model.dnc.init_samples=64", "train.epochs=0"]
+
+
 def train(work: Path, *args: str) -> int:
     return main(["train", CONFIG, "--work-dir", str(work), *args])
 
@@ -165,8 +169,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(finished, tmp
 
 
 # ----------------------------------------------------------------------------------------- evaluation
-def _folder(root: Path, bad: str) -> None:
-    """A two-class image folder of 8x8 images with a train and a val split; ``bad`` is a corrupt file."""
+def image_folder(root: Path, *bad: str) -> None:
+    """A two-class image folder of 8x8 images with a train and a val split; ``bad`` are corrupt files."""
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 40), ("val", 3)):
         for c in ("a", "b"):
@@ -174,17 +178,16 @@ def _folder(root: Path, bad: str) -> None:
             for i in range(n):
                 pixels = torch.randint(0, 256, (8, 8, 3), generator=g, dtype=torch.uint8).numpy()
                 Image.fromarray(pixels).save(root / split / c / f"{i}.png")
-    (root / bad).write_bytes(b"not an image")
+    for name in bad:
+        (root / name).write_bytes(b"not an image")
 
 
 def test_a_failed_evaluation_keeps_the_training_before_it(tmp_path, capsys):
     """Before the fix the checkpoint was written after the evaluation: a corrupt validation image lost
     every step since the previous checkpoint."""
-    _folder(tmp_path / "data", "val/b/1.png")
+    image_folder(tmp_path / "data", "val/b/1.png")
     work = tmp_path / "run"
-    rc = train(work, "data.dataset=imagefolder", f"data.root={tmp_path / 'data'}", "data.num_classes=2",
-               "data.batch_size=8", "model.backbone_kwargs.width=4", "model.backbone_kwargs.num_features=16",
-               "model.dnc.init_samples=64", "train.epochs=0", "train.iters=6", "train.eval_interval=4")
+    rc = train(work, *FOLDER, f"data.root={tmp_path / 'data'}", "train.iters=6", "train.eval_interval=4")
     assert rc == 1
     msg = one_error(capsys)
     assert msg.startswith(f"{tmp_path / 'data' / 'val' / 'b' / '1.png'}: cannot read image"), msg

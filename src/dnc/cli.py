@@ -103,7 +103,7 @@ def cmd_train(args) -> dict:
         _write_atomic(work_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     model = build_model(cfg)
     train_loader = make_loader(datasets["train"], cfg.data.batch_size, True, info, cfg.train.seed,
-                               cfg.data.num_workers, collate_fn(cfg))
+                               cfg.data.num_workers, collate_fn(cfg), on_bad=cfg.data.on_bad_sample)
     val_loader = build_eval_loader(cfg, datasets["val"], info)
     metrics = train_loop(
         cfg, model, train_loader, info, work_dir,

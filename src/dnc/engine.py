@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import Config, to_dict
 
-__all__ = ["DistInfo", "setup_distributed", "EpochSampler", "SeededDataset", "make_loader", "build_optimizer",
+__all__ = ["DistInfo", "setup_distributed", "EpochSampler", "SeededDataset", "IndexedCollate", "make_loader", "build_optimizer",
            "build_scheduler", "save_checkpoint", "load_checkpoint", "load_resumable", "atomic_write",
            "remove_stale_temporaries", "ignore_stop_signals", "CheckpointError", "TrainingError", "train_loop",
            "JsonLogger", "unwrap"]
@@ -125,10 +125,14 @@ class EpochSampler(Sampler):
 
 class SeededDataset(Dataset):
     """Seeds the random transforms of each sample from (seed, epoch, index): augmentations do not
-    depend on worker count, worker order or where a run was resumed."""
+    depend on worker count, worker order or where a run was resumed.
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+    Returns ``(index, sample)``; with ``on_bad="skip"`` an unreadable sample (a ``ValueError`` naming
+    its file, or ``None`` from the dataset) is ``(index, None)``, which :class:`IndexedCollate` drops.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, on_bad: str = "error"):
+        self.dataset, self.seed, self.on_bad = dataset, seed, on_bad
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -139,7 +143,28 @@ class SeededDataset(Dataset):
             # The CPU generator alone (what the transforms draw from): torch.manual_seed would also
             # seed CUDA lazily, which costs more than loading a small image.
             torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63))
-            return self.dataset[index]
+            try:
+                return index, self.dataset[index]
+            except ValueError:
+                if self.on_bad != "skip":
+                    raise
+                return index, None
+
+
+class IndexedCollate:
+    """Batches as ``(images, targets, number of skipped samples, dataset indices of the kept ones)``:
+    ``collate_fn`` (returning ``(images, targets, skipped)``) sees the readable samples only. A batch
+    whose samples were all skipped has empty ``images`` and ``targets``: callers skip it."""
+
+    def __init__(self, collate_fn: Callable):
+        self.collate_fn = collate_fn
+
+    def __call__(self, batch):
+        kept = [(i, s) for i, s in batch if s is not None]
+        if not kept:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), len(batch), torch.empty(0, dtype=torch.long)
+        images, targets, skipped = self.collate_fn([s for _, s in kept])
+        return images, targets, len(batch) - len(kept) + skipped, torch.tensor([i for i, _ in kept])
 
 
 def ignore_stop_signals(worker_id: int, then: Optional[Callable[[int], None]] = None) -> None:
@@ -153,10 +178,12 @@ def ignore_stop_signals(worker_id: int, then: Optional[Callable[[int], None]] = 
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, info: DistInfo, seed: int, num_workers: int,
-                collate_fn: Callable, worker_init_fn: Optional[Callable[[int], None]] = None) -> DataLoader:
+                collate_fn: Callable, worker_init_fn: Optional[Callable[[int], None]] = None,
+                on_bad: str = "error") -> DataLoader:
+    """Batches ``(images, targets, skipped, indices)`` (:class:`IndexedCollate`) of this process's share."""
     sampler = EpochSampler(len(dataset), shuffle, seed, info.rank, info.world)
-    return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_fn, drop_last=shuffle, pin_memory=info.device.type == "cuda",
+    return DataLoader(SeededDataset(dataset, seed, on_bad), batch_size=batch_size, sampler=sampler,
+                      num_workers=num_workers, collate_fn=IndexedCollate(collate_fn), drop_last=shuffle, pin_memory=info.device.type == "cuda",
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
                       worker_init_fn=functools.partial(ignore_stop_signals, then=worker_init_fn))
 
@@ -459,7 +486,7 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
         while state.it < total:
             sampler.epoch, sampler.start = state.epoch, state.epoch_it * cfg.data.batch_size
             ddp.train()
-            for images, targets, skipped in train_loader:
+            for images, targets, skipped, _ in train_loader:
                 # A batch whose samples were all unreadable (data.on_bad_sample=skip) is a step without an
                 # update; under DDP all processes skip it together, so that none waits for the others.
                 empty = len(targets) == 0
