@@ -219,3 +219,10 @@ def test_epochs_are_numbered_the_same_in_every_evaluation(tmp_path, capsys):
     assert [r["epoch"] for r in records(work, "val")] == [1, 2, 3]
     assert [line.split(" iter")[0] for line in capsys.readouterr().out.splitlines() if ": top1" in line] == \
         ["epoch 1", "epoch 2", "epoch 3"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_log_reports_peak_gpu_memory(tmp_path):
+    work = tmp_path / "run"
+    assert train(work, *SHORT, "train.device=cuda", "train.stop_after=10") == 0
+    assert all(r["max_mem_mib"] > 0 for r in records(work, "train"))
