@@ -226,3 +226,15 @@ def test_the_log_reports_peak_gpu_memory(tmp_path):
     work = tmp_path / "run"
     assert train(work, *SHORT, "train.device=cuda", "train.stop_after=10") == 0
     assert all(r["max_mem_mib"] > 0 for r in records(work, "train"))
+
+
+def test_tensorboard_scalars_mirror_the_log(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    work = tmp_path / "run"
+    assert train(work, *SHORT, "train.tensorboard=true") == 0
+    events = EventAccumulator(str(work / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/images_per_s", "train/lr", "val/top1"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val/top1")] == [r["iter"] for r in records(work, "val")]
+    assert [e.value for e in events.Scalars("val/top1")] == pytest.approx([r["top1"] for r in records(work, "val")])

@@ -129,6 +129,7 @@ class TrainConfig:
     eval_interval: int = 1
     log_interval: int = 20
     stop_after: int = 0
+    tensorboard: bool = False  # also write the log's numbers as TensorBoard scalars (WORK_DIR/tensorboard)
 
 
 @dataclass
@@ -293,7 +294,7 @@ def load_config(path: str, overrides: tuple = (), validate: bool = True) -> Conf
 # What ``--resume`` lets an override change: where the data is and how the run is watched, never what
 # is trained (the model, data, schedule, seed: the checkpoint continues the run as it was started).
 RESUME_FREE = ("data.root", "data.num_workers", "data.eval_batch_size", "train.device", "train.log_interval",
-               "train.eval_interval", "train.stop_after")
+               "train.eval_interval", "train.stop_after", "train.tensorboard")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -324,15 +324,32 @@ def _set_rng_state(state: dict) -> None:
 
 # --------------------------------------------------------------------------------------------- logging
 class JsonLogger:
-    """One JSON object per line in ``log.jsonl`` (rank 0 only)."""
+    """One JSON object per line in ``log.jsonl`` (rank 0 only); with ``tensorboard``, the numbers of
+    each record also as TensorBoard scalars ``<mode>/<key>`` at step ``iter`` (in ``tensorboard``)."""
 
-    def __init__(self, path: Optional[Path]):
-        self.path = path
+    def __init__(self, path: Optional[Path], tensorboard: Optional[Path] = None):
+        self.path, self.board = path, None
+        if path is not None and tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TrainingError("train.tensorboard=true needs the tensorboard package "
+                                    "(pip install 'dnc[tensorboard]')") from None
+            self.board = SummaryWriter(str(tensorboard))
 
     def __call__(self, **record) -> None:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        if self.board is not None and "iter" in record:
+            for k, v in record.items():
+                if k not in ("iter", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.board.add_scalar(f"{record['mode']}/{k}", v, record["iter"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 class _StopRequest:
@@ -422,7 +439,8 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
     scheduler = build_scheduler(optimizer, cfg.sched, total, iters_per_epoch)
     scaler = torch.amp.GradScaler(info.device.type, enabled=t.amp == "fp16")
     state = TrainState()
-    log = JsonLogger(work_dir / "log.jsonl" if info.is_main else None)
+    log = JsonLogger(work_dir / "log.jsonl" if info.is_main else None,
+                     work_dir / "tensorboard" if t.tensorboard else None)
     if resume:
         ckpt = resume_state if resume_state is not None else load_resumable(resume)
         model.load_state_dict(ckpt["model"])
@@ -528,6 +546,7 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                     reason = signalled or "stop_after"
                     log(mode="stop", iter=state.it, epoch=_epoch(state), reason=reason)
                     progress.close()
+                    log.close()
                     return {"stopped": True, "iter": state.it, "reason": reason}
                 if at_log:
                     _check_finite(bad_step, state)
@@ -562,6 +581,7 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
     checkpoint()
     metrics = run_eval()
     checkpoint(metrics=metrics)  # the final metrics travel with last.pt
+    log.close()
     return metrics
 
 
