@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,11 @@ SIGTERM_AT = 7  # process 1 alone receives SIGTERM during step 7, far from a log
 MEMORY = ("memory_z", "memory_y", "memory_ok")
 
 
+def _torchrun() -> str:
+    torchrun = Path(sys.executable).with_name("torchrun")  # the one of this environment
+    return str(torchrun) if torchrun.is_file() else shutil.which("torchrun")
+
+
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
@@ -40,15 +46,13 @@ def ddp(tmp_path_factory) -> Path:
         {"tag": "stop", "argv": [*train, "--work-dir", str(out / "stop"), f"train.stop_after={STOP}"]},
         {"tag": "resumed", "argv": [*train, "--work-dir", str(out / "resumed"), "--resume", str(out / "stop" / "last.pt")]},
         {"tag": "test", "argv": ["test", CONFIG, str(out / "full" / "last.pt"), "--out", str(out / "preds.json"), *TINY]},
-        # process 1 alone sees a NaN loss at step 5, a log step (where the loss is checked)
         {"tag": "sigterm", "argv": [*train, "--work-dir", str(out / "sigterm"), "train.log_interval=50"],
          "sigterm": [1, SIGTERM_AT], "expect": EXIT_STOPPED},
+        # process 1 alone sees a NaN loss at step 5, a log step (where the loss is checked)
         {"tag": "nan", "argv": [*train, "--work-dir", str(out / "nan"), "train.iters=10"], "nan": [1, 5], "expect": 1},
     ]
     (out / "spec.json").write_text(json.dumps(spec))
-    torchrun = Path(sys.executable).with_name("torchrun")  # the one of this environment
-    torchrun = str(torchrun) if torchrun.is_file() else shutil.which("torchrun")
-    cmd = [torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+    cmd = [_torchrun(), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(Path(__file__).with_name("ddp_runner.py")), str(out), str(out / "spec.json")]
     # In a session of its own, so that a hang (a collective one process never reaches) is ended whole.
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -158,3 +162,34 @@ def test_a_nan_loss_on_one_process_stops_every_process(ddp):
     text = (ddp / "stderr.txt").read_text()  # both processes write to it: their lines may interleave
     assert text.count("dnc: error:") == 2 and text.count("dnc: error: non-finite loss at iteration 5 ") == 2, text
     assert not (ddp / "nan" / "last.pt").exists()
+
+
+def test_sigterm_to_torchrun_and_all_its_processes_saves_the_run(tmp_path):
+    """What a cluster scheduler does to a torchrun job: SIGTERM to the whole process group (torchrun, which
+    forwards it once more, its workers and their DataLoader workers). Before the fix the DataLoader
+    workers died, and the workers with them, without a checkpoint."""
+    work = tmp_path / "run"
+    cmd = [_torchrun(), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+           str(free_port()), "-m", "dnc", "train", CONFIG, "--work-dir", str(work), *TINY, "train.iters=3000",
+           "train.log_interval=2", "data.num_workers=1"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((work / "log.jsonl").is_file() and '"mode": "train"' in (work / "log.jsonl").read_text()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert "DataLoader worker" not in err and "dnc: error" not in err, err[-3000:]
+    stop = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()][-1]
+    assert stop["mode"] == "stop" and stop["reason"] == "SIGTERM", stop
+    ckpt = load_checkpoint(work / "last.pt")
+    assert ckpt["train_state"]["it"] == stop["iter"] < 3000 and len(ckpt["per_process"]["ranks"]) == 2
+    assert "stopped by SIGTERM" in out
+

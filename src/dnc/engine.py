@@ -353,10 +353,12 @@ class JsonLogger:
 
 
 class _StopRequest:
-    """Turns SIGINT/SIGTERM into a request to save a resumable checkpoint and leave."""
+    """Turns SIGINT/SIGTERM into a request to save a resumable checkpoint and leave. A second signal more
+    than a second later interrupts at once; one sooner is the same request arriving twice (a signal to the
+    whole process group that torchrun also forwards to its workers)."""
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.since = None, 0.0
         self._old = {}
 
     def __enter__(self):
@@ -368,9 +370,10 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # a second signal: stop at once
+        if self.signal is None:
+            self.signal, self.since = signal.Signals(signum).name, time.monotonic()
+        elif time.monotonic() - self.since > 1.0:  # asked again: stop at once
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
