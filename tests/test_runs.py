@@ -238,3 +238,14 @@ def test_tensorboard_scalars_mirror_the_log(tmp_path):
     assert {"train/loss", "train/images_per_s", "train/lr", "val/top1"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("val/top1")] == [r["iter"] for r in records(work, "val")]
     assert [e.value for e in events.Scalars("val/top1")] == pytest.approx([r["top1"] for r in records(work, "val")])
+
+
+def test_check_classes_refuses_a_checkpoint_of_other_class_names():
+    from dnc.config import ConfigError
+    from dnc.tasks import check_classes
+    check_classes(["cat", "dog"], ["cat", "dog"], "m.pt")
+    check_classes([], ["cat", "dog"], "m.pt")  # an old checkpoint without names: nothing to compare
+    with pytest.raises(ConfigError, match=r"^m\.pt: class 1 is 'dog' in the checkpoint but 'fox' in the dataset"):
+        check_classes(["cat", "dog"], ["cat", "fox"], "m.pt")
+    with pytest.raises(ConfigError, match=r"^m\.pt: trained on 2 classes, the dataset has 3$"):
+        check_classes(["cat", "dog"], ["cat", "dog", "fox"], "m.pt")
