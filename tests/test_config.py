@@ -55,7 +55,8 @@ def test_package_configs_resolve_from_any_folder(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------- values (issue 11, item 8)
 def test_exponent_floats_parse_as_floats_in_files_and_overrides(tmp_path):
     """YAML 1.1 (PyYAML's default) reads ``1e-3`` as a string; configs follow YAML 1.2."""
-    (tmp_path / "c.yaml").write_text("_base_: %s\noptim: {lr: 1e-3, eps: 5E-9}\n" % (PACKAGE_CONFIGS / "demo" / "digits_dnc.yaml"))
+    base = PACKAGE_CONFIGS / "demo" / "digits_dnc.yaml"
+    (tmp_path / "c.yaml").write_text(f"_base_: {base}\noptim: {{lr: 1e-3, eps: 5E-9}}\n")
     cfg = load_config(str(tmp_path / "c.yaml"), ("optim.weight_decay=2e-5", "model.dnc.temperature=+1e-1"))
     assert (cfg.optim.lr, cfg.optim.eps, cfg.optim.weight_decay, cfg.model.dnc.temperature) == (1e-3, 5e-9, 2e-5, 0.1)
     assert load_config("demo/digits_dnc.yaml", ("model.backbone=1e3x",)).model.backbone == "1e3x"  # still a string
@@ -82,7 +83,8 @@ def test_invalid_values_are_one_line_naming_the_key(override, key):
 
 @pytest.mark.parametrize("argv, expected", [
     (["model.backbone_kwargs.widht=3"], "dnc: error: model.backbone_kwargs: backbone 'tiny_cnn' does not take 'widht'"),
-    (["model.backbone=resnet18", "model.backbone_kwargs.depth=3"], "dnc: error: model.backbone_kwargs: backbone 'resnet18' does not take 'depth'"),
+    (["model.backbone=resnet18", "model.backbone_kwargs.depth=3"],
+     "dnc: error: model.backbone_kwargs: backbone 'resnet18' does not take 'depth'"),
     (["optim.lr=1e-3", "train.log_interval=0"], "dnc: error: train.log_interval must be >= 1, got 0"),
 ])
 def test_bad_model_values_are_one_line_from_the_cli(tmp_path, capsys, argv, expected):
@@ -95,6 +97,7 @@ def test_bad_model_values_are_one_line_from_the_cli(tmp_path, capsys, argv, expe
 def test_an_empty_pretrained_file_is_one_line(tmp_path, capsys):
     from dnc.cli import main
     (tmp_path / "empty.pt").write_bytes(b"")
-    assert main(["train", "demo/digits_dnc.yaml", "--work-dir", str(tmp_path / "w"), f"model.pretrained={tmp_path / 'empty.pt'}"]) == 1
+    pretrained = f"model.pretrained={tmp_path / 'empty.pt'}"
+    assert main(["train", "demo/digits_dnc.yaml", "--work-dir", str(tmp_path / "w"), pretrained]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"dnc: error: model.pretrained: {tmp_path / 'empty.pt'} is empty (0 bytes; an interrupted download?)"]

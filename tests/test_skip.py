@@ -26,7 +26,8 @@ def test_skipped_images_are_counted_and_records_keep_their_dataset_index(tmp_pat
     assert json.loads((work / "metrics.json").read_text())["skipped"] == 1
     for batch in ("2", "1"):  # a batch of one: the bad image's batch is empty
         out = tmp_path / f"preds{batch}.json"
-        assert main(["test", CONFIG, str(work / "last.pt"), "--out", str(out), *data, "train.iters=20", f"data.eval_batch_size={batch}"]) == 0
+        argv = ["test", CONFIG, str(work / "last.pt"), "--out", str(out), *data, "train.iters=20"]
+        assert main([*argv, f"data.eval_batch_size={batch}"]) == 0
         result = json.loads(out.read_text())
         assert result["skipped"] == 1
         assert [(p["index"], p["label"]) for p in result["predictions"]] == [(0, 0), (1, 0), (2, 0), (4, 1), (5, 1)]

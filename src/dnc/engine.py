@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import Config, to_dict
 
-__all__ = ["DistInfo", "setup_distributed", "EpochSampler", "SeededDataset", "IndexedCollate", "make_loader", "build_optimizer",
-           "build_scheduler", "save_checkpoint", "load_checkpoint", "load_resumable", "atomic_write",
+__all__ = ["DistInfo", "setup_distributed", "EpochSampler", "SeededDataset", "IndexedCollate", "make_loader",
+           "build_optimizer", "build_scheduler", "save_checkpoint", "load_checkpoint", "load_resumable", "atomic_write",
            "remove_stale_temporaries", "ignore_stop_signals", "CheckpointError", "TrainingError", "train_loop",
            "JsonLogger", "unwrap"]
 
@@ -183,8 +183,9 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, info: DistInfo
     """Batches ``(images, targets, skipped, indices)`` (:class:`IndexedCollate`) of this process's share."""
     sampler = EpochSampler(len(dataset), shuffle, seed, info.rank, info.world)
     return DataLoader(SeededDataset(dataset, seed, on_bad), batch_size=batch_size, sampler=sampler,
-                      num_workers=num_workers, collate_fn=IndexedCollate(collate_fn), drop_last=shuffle, pin_memory=info.device.type == "cuda",
-                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+                      num_workers=num_workers, collate_fn=IndexedCollate(collate_fn), drop_last=shuffle,
+                      pin_memory=info.device.type == "cuda", persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed),
                       worker_init_fn=functools.partial(ignore_stop_signals, then=worker_init_fn))
 
 
@@ -242,13 +243,15 @@ def atomic_write(path, write: Callable) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save may wrap a failed write in a RuntimeError
-        full = getattr(e, "errno", None) == errno.ENOSPC or (
-            isinstance(e, RuntimeError) and "write" in str(e) and shutil.disk_usage(path.parent).free < 2**20)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError):  # torch.save's own writer reports a failed write this way
+            if "write" not in str(e):
+                raise
+            full = shutil.disk_usage(path.parent).free < 2**20
+        else:
+            full = e.errno == errno.ENOSPC
         if full:
             raise OSError(errno.ENOSPC, f"no space left while writing {path}") from None
-        if isinstance(e, RuntimeError) and "write" not in str(e):
-            raise
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
         raise OSError(getattr(e, "errno", None), f"cannot write {path}: {why}") from None
     finally:
@@ -399,7 +402,8 @@ class _StopAgreement:
         if self.pending is not None:
             work, flag = self.pending
             work.wait()
-            agreed = signal.Signals(int(flag.item())).name if flag.item() else None  # a CPU tensor
+            number = int(flag.item())  # a CPU tensor
+            agreed = signal.Signals(number).name if number else None
         flag = torch.tensor([float(signal.Signals[self.stop.signal]) if self.stop.signal else 0.0])
         self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
         return agreed
