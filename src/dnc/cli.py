@@ -1,6 +1,6 @@
 """``dnc`` command line: train, test, explain, predict, demo.
 
-    dnc train CONFIG [--work-dir DIR] [--resume [CKPT]] [key=value ...]
+    dnc train CONFIG [--work-dir DIR] [--resume [CKPT]] [--force] [key=value ...]
     torchrun --nproc_per_node 8 -m dnc train CONFIG ...
     dnc test CONFIG CHECKPOINT [--out result.json|result.pkl] [--metrics accuracy|mIoU] [key=value ...]
     dnc demo

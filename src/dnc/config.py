@@ -310,7 +310,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def resume_config(saved: dict, overrides: tuple, source: str) -> tuple:
     """The config of a resumed run: the one ``saved`` in the checkpoint ``source``, with the overrides
     that may change on resuming (:data:`RESUME_FREE`). Returns ``(config, notes)``: ``optim.*``
-    overrides are ignored, with a note (the optimiser state of the checkpoint holds them); any other
+    overrides are ignored, with a note (the run keeps its optimiser settings and state); any other
     override that changes the run is a :class:`ConfigError` naming it. ``train.stop_after`` is not
     carried over (it is 0 unless given again)."""
     try:
@@ -327,7 +327,7 @@ def resume_config(saved: dict, overrides: tuple, source: str) -> tuple:
         item = next(i for i in reversed(overrides) if k == i.split("=", 1)[0] or k.startswith(i.split("=", 1)[0] + ".")
                     or i.split("=", 1)[0].startswith(k + "."))
         if k.startswith("optim."):
-            notes.append(f"{item} is ignored when resuming: the optimiser state in {source} holds the value")
+            notes.append(f"{item} is ignored when resuming: the run continues with the optimiser settings of {source}")
         elif k not in RESUME_FREE:
             raise ConfigError(f"{item}: --resume continues the run of {source}, where {k}={before.get(k)!r}; "
                               f"only {', '.join(RESUME_FREE)} may change (start a new --work-dir to change it)")
