@@ -568,8 +568,10 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                     sums, window, seen, started, logged_at = {}, 0, 0, time.perf_counter(), run_steps
                 if t.iters and state.it % t.eval_interval == 0 and not end:
                     _check_finite(bad_step, state)  # never evaluate or checkpoint weights a NaN reached
+                    paused = time.perf_counter()
                     checkpoint()
                     run_eval()
+                    started += time.perf_counter() - paused  # the throughput is training's alone
                     ddp.train()
                 if end:
                     break
@@ -578,8 +580,10 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                 state.epoch_it = 0
                 if t.epochs and state.epoch % t.eval_interval == 0 and state.it < total:
                     _check_finite(bad_step, state)
+                    paused = time.perf_counter()
                     checkpoint()
                     run_eval()
+                    started += time.perf_counter() - paused
                 continue
             break
     agree.close()
