@@ -53,7 +53,7 @@ class _WatchedLoader:
             self.steps.append(self.counter.calls[start:] if watched else None)
 
 
-def _run(tmp_path, monkeypatch, device: str) -> list:
+def _run(tmp_path, monkeypatch, device: str, *overrides: str) -> list:
     counter, steps = _Counter(), []
     for name in SYNCING:
         real = getattr(torch.Tensor, name)
@@ -71,14 +71,15 @@ def _run(tmp_path, monkeypatch, device: str) -> list:
 
     monkeypatch.setattr(dnc.engine, "make_loader", watched)
     rc = main(["train", CONFIG, "--work-dir", str(tmp_path / "run"), *TINY, f"train.iters={ITERS}",
-               "train.log_interval=100", f"train.device={device}"])
+               "train.log_interval=100", f"train.device={device}", *overrides])
     monkeypatch.undo()
     assert rc == 0
     return steps
 
 
-def test_no_training_step_synchronises_on_the_cpu_proxy(tmp_path, monkeypatch):
-    steps = _run(tmp_path, monkeypatch, "cpu")
+@pytest.mark.parametrize("overrides", [(), ("optim.grad_clip=1.0", "train.amp=bf16")], ids=["plain", "clip-bf16"])
+def test_no_training_step_synchronises_on_the_cpu_proxy(tmp_path, monkeypatch, overrides):
+    steps = _run(tmp_path, monkeypatch, "cpu", *overrides)
     assert len(steps) >= ITERS - 1
     syncing = {i + 1: calls for i, calls in enumerate(steps) if calls}
     assert not syncing, f"host reads of tensor values inside training steps (step: calls): {syncing}"
