@@ -21,6 +21,8 @@ def test_an_all_void_batch_has_zero_loss_and_no_gradient():
     images, void = torch.randn(2, 3, 32, 32), torch.full((2, 32, 32), 255)
     _, losses = model(images, void)
     assert all(torch.isfinite(v) and v == 0 for v in losses.values()), losses
+    sum(losses.values()).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     partly = void.clone()
     partly[:, :8] = 1  # with labelled pixels, the loss is their mean cross-entropy, as before
     logits = model.decoder(model.encoder(images))
