@@ -249,3 +249,18 @@ def test_check_classes_refuses_a_checkpoint_of_other_class_names():
         check_classes(["cat", "dog"], ["cat", "fox"], "m.pt")
     with pytest.raises(ConfigError, match=r"^m\.pt: trained on 2 classes, the dataset has 3$"):
         check_classes(["cat", "dog"], ["cat", "dog", "fox"], "m.pt")
+
+
+def test_resuming_after_a_kill_during_evaluation_keeps_the_best_checkpoint(tmp_path):
+    """last.pt is saved before each evaluation, so a run killed during or just after one resumes with an
+    older best value than best.pt holds: a worse later evaluation must not replace best.pt."""
+    work = tmp_path / "run"
+    assert train(work, *SHORT, "train.stop_after=12") == 0
+    last, best = load_checkpoint(work / "last.pt"), load_checkpoint(work / "best.pt")
+    last["train_state"]["best"] = None  # as saved just before the evaluation at step 10
+    best["metrics"]["top1"] = 101.0  # and that evaluation was the best any can be
+    save_checkpoint(work / "last.pt", {k: v for k, v in last.items() if k != "format"})
+    save_checkpoint(work / "best.pt", {k: v for k, v in best.items() if k != "format"})
+    before = (work / "best.pt").read_bytes()
+    assert train(work, "--resume") == 0
+    assert (work / "best.pt").read_bytes() == before

@@ -283,13 +283,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a ``dnc`` checkpoint without unpickling arbitrary objects (``weights_only``)."""
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """Load a ``dnc`` checkpoint without unpickling arbitrary objects (``weights_only``); ``mmap``: tensors
+    are read from the file only when used."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: checkpoint not found")
     try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
+        state = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - truncated, foreign or tampered files all end here
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p}: not a readable dnc checkpoint (truncated or foreign file?): {msg}") from None
@@ -670,7 +671,7 @@ def _best_so_far(best: Optional[float], path: Path, key: str, info: DistInfo) ->
     value = [best]
     if info.is_main and path.is_file():
         try:
-            saved = load_checkpoint(path).get("metrics", {}).get(key)
+            saved = load_checkpoint(path, mmap=True).get("metrics", {}).get(key)  # the metrics alone are read
         except CheckpointError:
             saved = None
         if saved is not None and (best is None or saved > best):
