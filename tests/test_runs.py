@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_resume_refuses_an_override_that_changes_the_run(tmp_path, capsys):
 
 def test_a_finished_work_dir_is_not_overwritten_without_force(finished, tmp_path, capsys):
     work = tmp_path / "run"
-    os.system(f"cp -r {finished} {work}")  # noqa: S605 - a copy of the finished run
+    shutil.copytree(finished, work)
     files = {p.name: p.read_bytes() for p in work.iterdir()}
     capsys.readouterr()
     assert train(work, *SHORT) == 1
@@ -139,7 +140,7 @@ def test_outputs_are_written_with_the_usual_permissions(finished):
 
 def test_temporaries_of_a_killed_save_are_removed_at_the_next_start(finished, tmp_path):
     work = tmp_path / "run"
-    os.system(f"cp -r {finished} {work}")  # noqa: S605
+    shutil.copytree(finished, work)
     gone = subprocess.Popen(["true"])
     gone.wait()  # a process that no longer runs
     alive = subprocess.Popen(["sleep", "60"])
@@ -158,7 +159,7 @@ def test_temporaries_of_a_killed_save_are_removed_at_the_next_start(finished, tm
 def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(finished, tmp_path, capsys):
     """The checkpoint's temporary file is /dev/full, where every write fails with ENOSPC (a real full disk)."""
     work = tmp_path / "run"
-    os.system(f"cp -r {finished} {work}")  # noqa: S605
+    shutil.copytree(finished, work)
     before = (work / "last.pt").read_bytes()
     (work / f".last.pt.tmp{os.getpid()}").symlink_to("/dev/full")
     capsys.readouterr()
