@@ -487,7 +487,8 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
         _sync_buffers(model)  # every process evaluates the model that is saved (process 0's BatchNorm statistics)
         metrics = evaluate(model)
         if info.is_main:
-            shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
+            shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool))  # e.g. "skipped 1"
             print(f"epoch {_epoch(state)} iter {state.it}/{total}: {shown}", flush=True)
         log(mode="val", iter=state.it, epoch=_epoch(state), **{k: v for k, v in metrics.items() if not isinstance(v, list)})
         value = metrics.get(metric_key)
