@@ -9,7 +9,7 @@ Every process runs the steps of the JSON file ``SPEC`` in order, in one process 
 * ``{"tag": T, "units": true}``: the :data:`SCENARIOS` of ``SubCentroids.update``, each process on
   its own part of every global batch; results in ``OUT/T_rank<r>.pt``.
 * ``"nan": [rank, step]`` in a step: a fault injection, the loss of that process (only) is NaN at
-  that training step.
+  that training step; ``"sigterm": [rank, step]``: that process (only) receives SIGTERM during that step.
 
 Each step's return code goes to ``OUT/T_rank<r>.rc``; a step whose code is not ``"expect"`` (0 by
 default) ends the run.
@@ -77,20 +77,27 @@ def run_units(rank: int) -> dict:
     return results
 
 
-def _with_nan(where, run):
+def _with_fault(kind: str, where, run):
+    """Run ``run()`` with a fault on process ``rank`` at its training step ``at``: a NaN loss (``nan``) or a
+    SIGTERM to that process alone (``sigterm``, as if only its node received it)."""
+    import os
+    import signal
+
     from dnc.models.classifier import Classifier
     rank, at = where
     forward, calls = Classifier.forward, []
 
-    def poisoned(self, images, targets=None):
+    def faulty(self, images, targets=None):
         out = forward(self, images, targets)
         if targets is None or not self.training or dist.get_rank() != rank:
             return out
         calls.append(1)
         logits, losses = out
-        return logits, ({**losses, "ce": losses["ce"] * float("nan")} if len(calls) == at else losses)
+        if len(calls) == at and kind == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return logits, ({**losses, "ce": losses["ce"] * float("nan")} if len(calls) == at and kind == "nan" else losses)
 
-    Classifier.forward = poisoned
+    Classifier.forward = faulty
     try:
         return run()
     finally:
@@ -119,8 +126,9 @@ def main() -> None:
         if step.get("units"):
             torch.save(run_units(dist.get_rank()), out / f"{step['tag']}_rank{dist.get_rank()}.pt")
             rc = 0
-        elif "nan" in step:
-            rc = _with_nan(step["nan"], lambda: cli.main(step["argv"]))
+        elif "nan" in step or "sigterm" in step:
+            kind = "nan" if "nan" in step else "sigterm"
+            rc = _with_fault(kind, step[kind], lambda: cli.main(step["argv"]))
         else:
             rc = cli.main(step["argv"])
         (out / f"{step['tag']}_rank{dist.get_rank() if dist.is_initialized() else 'X'}.rc").write_text(str(rc))

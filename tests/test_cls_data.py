@@ -190,6 +190,40 @@ def test_image_folder_given_classes(folder_root):
         ImageFolder(folder_root / "nowhere")
 
 
+def test_symlinks_are_followed_once_and_loops_refused(folder_root):
+    """Before the fix ``cat/loop -> ..`` made every dog image a cat too (os.walk(followlinks=True)
+    follows the link into the root), and two self-links made the scan run forever."""
+    train = folder_root / "train"
+    (train / "cat" / "more").symlink_to(folder_root / "val" / "cat", target_is_directory=True)
+    (train / "cat" / "again").symlink_to(folder_root / "val" / "cat", target_is_directory=True)
+    ds = ImageFolder(train)
+    assert ds.targets == [0] * 5 + [1] * 4  # val/cat read once, though two links lead to it
+    (train / "cat" / "loop").symlink_to("..", target_is_directory=True)
+    with pytest.raises(ValueError, match=f"^{train / 'cat' / 'loop'}: symbolic link loop"):
+        ImageFolder(train)
+    (train / "cat" / "loop").unlink()
+    (train / "dog" / "a").symlink_to(".", target_is_directory=True)
+    (train / "dog" / "b").symlink_to(".", target_is_directory=True)
+    with pytest.raises(ValueError, match="symbolic link loop"):
+        ImageFolder(train)
+
+
+@pytest.mark.parametrize("dtype, ext", [(np.uint16, "png"), (np.int32, "tif")])
+def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path, dtype, ext):
+    """PIL's convert('RGB') clips 16-bit values at 255: a 16-bit PNG came out all white."""
+    values = np.array([[0, 257, 32896], [65535, 1000, 12850]], dtype=np.uint16)
+    path = tmp_path / f"img16.{ext}"
+    Image.fromarray(values.astype(dtype)).save(path)
+    assert Image.open(path).mode.startswith("I")
+    from dnc.data.classification import read_rgb
+    rgb = np.asarray(read_rgb(path))
+    assert rgb.dtype == np.uint8 and rgb.shape == (2, 3, 3)
+    assert rgb[..., 0].tolist() == [[0, 1, 128], [255, 4, 50]] and (rgb[..., 0] == rgb[..., 2]).all()
+    Image.fromarray(values.astype(np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match=r"float\.tif: cannot read image: floating-point pixels"):
+        read_rgb(tmp_path / "float.tif")
+
+
 @pytest.mark.parametrize("content", ["truncated", "garbage"])
 def test_corrupt_image_errors_or_is_skipped(folder_root, content):
     bad = folder_root / "train" / "dog" / "02_bad.jpg"

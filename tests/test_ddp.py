@@ -12,20 +12,27 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from ddp_runner import SCENARIOS, make_subcentroids, scenario_batches
-from dnc.cli import main
+from dnc.cli import EXIT_STOPPED, main
 from dnc.engine import load_checkpoint
 from dnc_tiny import CONFIG, NUM_VAL, TINY, assert_same_training_state, free_port, one_thread, subprocess_env
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
-STOP = 37  # under DDP the stop request is checked at log steps: the run stops at step 40 (mid-epoch)
+STOP = 37  # mid-epoch
+SIGTERM_AT = 7  # process 1 alone receives SIGTERM during step 7, far from a log step (every 50)
 MEMORY = ("memory_z", "memory_y", "memory_ok")
+
+
+def _torchrun() -> str:
+    torchrun = Path(sys.executable).with_name("torchrun")  # the one of this environment
+    return str(torchrun) if torchrun.is_file() else shutil.which("torchrun")
 
 
 @pytest.fixture(scope="module")
@@ -39,28 +46,29 @@ def ddp(tmp_path_factory) -> Path:
         {"tag": "stop", "argv": [*train, "--work-dir", str(out / "stop"), f"train.stop_after={STOP}"]},
         {"tag": "resumed", "argv": [*train, "--work-dir", str(out / "resumed"), "--resume", str(out / "stop" / "last.pt")]},
         {"tag": "test", "argv": ["test", CONFIG, str(out / "full" / "last.pt"), "--out", str(out / "preds.json"), *TINY]},
+        {"tag": "sigterm", "argv": [*train, "--work-dir", str(out / "sigterm"), "train.log_interval=50"],
+         "sigterm": [1, SIGTERM_AT], "expect": EXIT_STOPPED},
         # process 1 alone sees a NaN loss at step 5, a log step (where the loss is checked)
         {"tag": "nan", "argv": [*train, "--work-dir", str(out / "nan"), "train.iters=10"], "nan": [1, 5], "expect": 1},
     ]
     (out / "spec.json").write_text(json.dumps(spec))
-    torchrun = Path(sys.executable).with_name("torchrun")  # the one of this environment
-    torchrun = str(torchrun) if torchrun.is_file() else shutil.which("torchrun")
-    cmd = [torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+    cmd = [_torchrun(), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(Path(__file__).with_name("ddp_runner.py")), str(out), str(out / "spec.json")]
     # In a session of its own, so that a hang (a collective one process never reaches) is ended whole.
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
+        stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun did not finish in 300 s:\n{stderr[-4000:]}")
     assert proc.returncode == 0, stderr[-4000:]
     for step in spec:
         expect = str(step.get("expect", 0))
         assert [(out / f"{step['tag']}_rank{r}.rc").read_text() for r in (0, 1)] == [expect, expect], step["tag"]
     (out / "stderr.txt").write_text(stderr)
+    (out / "stdout.txt").write_text(stdout)
     return out
 
 
@@ -115,7 +123,7 @@ def test_evaluation_counts_every_sample_once(ddp, tmp_path):
 
 def test_resume_under_ddp_is_exact_memory_shards_included(ddp):
     stop = [json.loads(line) for line in (ddp / "stop" / "log.jsonl").read_text().splitlines()][-1]
-    assert stop["mode"] == "stop" and stop["iter"] == 40
+    assert stop["mode"] == "stop" and stop["iter"] == STOP
     for full, resumed in zip(ranks(ddp, "full"), ranks(ddp, "resumed")):
         differ = [k for k, v in full["model"].items() if torch.is_tensor(v) and not torch.equal(v, resumed["model"][k])]
         assert not differ, f"the resumed run differs in {differ}"
@@ -138,9 +146,50 @@ def test_resume_with_another_number_of_processes_warns_and_uses_shard_0(ddp, tmp
     assert torch.equal(after["head.centroids.memory_z"][kept], ckpt["model"]["head.centroids.memory_z"][kept])
 
 
+def test_a_sigterm_on_one_process_stops_every_process_at_the_next_step(ddp):
+    """Under torchrun a stop request is agreed at every step (asynchronously: the flag of step t is read at
+    step t+1), not only at log steps: before the fix this run went on to step 50, its first log step."""
+    stop = [json.loads(line) for line in (ddp / "sigterm" / "log.jsonl").read_text().splitlines()][-1]
+    assert stop["mode"] == "stop" and stop["reason"] == "SIGTERM" and stop["iter"] == SIGTERM_AT + 1, stop
+    ckpt = load_checkpoint(ddp / "sigterm" / "last.pt")
+    assert ckpt["train_state"]["it"] == SIGTERM_AT + 1 and ckpt["world"] == 2
+    assert "stopped by SIGTERM" in (ddp / "stdout.txt").read_text()
+
+
 def test_a_nan_loss_on_one_process_stops_every_process(ddp):
     """Both processes stop at the same check with the same message (before the fix, the process that saw
     the NaN raised alone and the other waited for it forever)."""
     text = (ddp / "stderr.txt").read_text()  # both processes write to it: their lines may interleave
     assert text.count("dnc: error:") == 2 and text.count("dnc: error: non-finite loss at iteration 5 ") == 2, text
     assert not (ddp / "nan" / "last.pt").exists()
+
+
+def test_sigterm_to_torchrun_and_all_its_processes_saves_the_run(tmp_path):
+    """What a cluster scheduler does to a torchrun job: SIGTERM to the whole process group (torchrun, which
+    forwards it once more, its workers and their DataLoader workers). Before the fix the DataLoader
+    workers died, and the workers with them, without a checkpoint."""
+    work = tmp_path / "run"
+    cmd = [_torchrun(), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+           str(free_port()), "-m", "dnc", "train", CONFIG, "--work-dir", str(work), *TINY, "train.iters=3000",
+           "train.log_interval=2", "data.num_workers=1"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((work / "log.jsonl").is_file() and '"mode": "train"' in (work / "log.jsonl").read_text()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert "DataLoader worker" not in err and "dnc: error" not in err, err[-3000:]
+    stop = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()][-1]
+    assert stop["mode"] == "stop" and stop["reason"] == "SIGTERM", stop
+    ckpt = load_checkpoint(work / "last.pt")
+    assert ckpt["train_state"]["it"] == stop["iter"] < 3000 and len(ckpt["per_process"]["ranks"]) == 2
+    assert "stopped by SIGTERM" in out
+

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import pickle
 import shutil
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dnc.cli import main
+from dnc.cli import EXIT_STOPPED, main
 from dnc.config import SchedConfig
 from dnc.engine import build_scheduler, load_checkpoint, lr_factor
 from dnc.models.classifier import Classifier
@@ -80,27 +81,32 @@ def test_stop_and_resume_equals_uninterrupted_run(reference, stopped, tmp_path):
     assert_same_training_state(load_checkpoint(reference / "best.pt"), load_checkpoint(work / "best.pt"))
 
 
-def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_to_the_process_group_saves_a_resumable_checkpoint_with_loader_workers(tmp_path):
+    """What a cluster scheduler does: SIGTERM to every process of the job, DataLoader workers included.
+    The workers ignore it, the main process saves last.pt and exits with the "stopped" status (before the
+    fix, the workers died and took the run with them: "DataLoader worker exited unexpectedly", no last.pt)."""
     work = tmp_path / "run"
     long = ["train.iters=3000", "train.log_interval=2"]
-    proc = subprocess.Popen([PYTHON, "-m", "dnc", "train", CONFIG, "--work-dir", str(work), *TINY, *long],
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([PYTHON, "-m", "dnc", "train", CONFIG, "--work-dir", str(work), *TINY, *long,
+                             "data.num_workers=2"], env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while not ((work / "log.jsonl").is_file() and '"mode": "train"' in (work / "log.jsonl").read_text()):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "training did not start"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == EXIT_STOPPED, err
+    assert "Traceback" not in err and "error" not in err, err
     stop = records(work)[-1]
     assert stop["mode"] == "stop" and stop["reason"] == "SIGTERM", stop
-    assert 0 < stop["iter"] < 3000 and "resume with" in out
+    assert 0 < stop["iter"] < 3000 and "stopped by SIGTERM" in out and "resume with" in out
     assert not (work / "metrics.json").exists()
 
     # The resumed run and an uninterrupted one, both ended 10 steps later (the schedule still spans 3000).
@@ -125,7 +131,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(stopped, tmp_path, 
     monkeypatch.setattr(torch, "save", half_save)
     assert train(work, "train.stop_after=2", resume=True) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("dnc: error:") and "last.pt" in err[-1] and "No space left" in err[-1], err[-1]
+    assert err[-1] == f"dnc: error: no space left while writing {work / 'last.pt'}", err[-1]
     assert "Traceback" not in "".join(err)
     monkeypatch.undo()
     assert (work / "last.pt").read_bytes() == before

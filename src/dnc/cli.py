@@ -1,6 +1,6 @@
 """``dnc`` command line: train, test, explain, predict, demo.
 
-    dnc train CONFIG [--work-dir DIR] [--resume [CKPT]] [key=value ...]
+    dnc train CONFIG [--work-dir DIR] [--resume [CKPT]] [--force] [key=value ...]
     torchrun --nproc_per_node 8 -m dnc train CONFIG ...
     dnc test CONFIG CHECKPOINT [--out result.json|result.pkl] [--metrics accuracy|mIoU] [key=value ...]
     dnc demo
@@ -15,7 +15,6 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -24,17 +23,9 @@ __all__ = ["main"]
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    from .engine import atomic_write
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _write_json(path: Path, obj) -> None:
@@ -59,35 +50,79 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+EXIT_STOPPED = 3  # a run stopped by SIGTERM/SIGINT with a resumable last.pt: job scripts may requeue it
+_RUN_FILES = ("last.pt", "best.pt", "metrics.json", "log.jsonl")
+_SAME_RUN = ("task", "model.backbone", "model.head", "data.dataset", "data.num_classes")
+
+
+def _check_same_run(cfg, saved: dict, path: str, config: str) -> None:
+    """A checkpoint to resume must be one of the run that ``config`` describes (same task, model, data)."""
+    from .config import to_dict
+    from .engine import CheckpointError
+    ours = to_dict(cfg)
+    for key in _SAME_RUN:
+        a, b = ours, saved
+        for part in key.split("."):
+            a, b = a.get(part), (b or {}).get(part)
+        if a != b:
+            raise CheckpointError(f"{path}: a checkpoint of another run ({key} is {b!r} there, {a!r} in {config})")
+
+
+def _fresh_work_dir(work_dir: Path, force: bool) -> None:
+    """Refuse to start a run over another one's outputs, unless ``--force`` (which removes them)."""
+    found = [n for n in _RUN_FILES[:3] if (work_dir / n).exists()]
+    if found and not force:
+        raise FileExistsError(f"{work_dir} already holds a run ({', '.join(found)}): continue it with --resume, "
+                              f"or pass --force to start over (its files are replaced)")
+
+
 def cmd_train(args) -> dict:
-    from .config import load_config, to_dict
-    from .engine import make_loader, setup_distributed, train_loop
+    import shlex
+
+    from .config import load_config, resume_config, to_dict
+    from .engine import load_resumable, make_loader, remove_stale_temporaries, setup_distributed, train_loop
     from .tasks import build_datasets, build_eval_loader, build_model, collate_fn, evaluate, init_centroids_from_data, metric_key
 
-    cfg = load_config(args.config, tuple(args.overrides))
+    # Resuming, the run's config is the checkpoint's (checked below); the overrides are checked against it.
+    cfg = load_config(args.config, tuple(args.overrides), validate=not args.resume)
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
-    resume = args.resume
+    resume, ckpt, notes = args.resume, None, []
     if resume == "auto":
         resume = str(work_dir / "last.pt")
+    if resume:  # continue the run as it was started: its config is the checkpoint's
+        ckpt = load_resumable(resume)
+        if Path(resume).resolve().parent != work_dir.resolve():  # a checkpoint from elsewhere: the run of CONFIG?
+            _check_same_run(cfg, ckpt["config"], resume, args.config)
+        cfg, notes = resume_config(ckpt["config"], tuple(args.overrides), resume)
+    else:
+        _fresh_work_dir(work_dir, getattr(args, "force", False))
     info = setup_distributed(cfg.train.device)
     _threads(cfg.train.threads)
     _seed(cfg.train.seed + info.rank, cfg.train.deterministic)
     datasets, classes = build_datasets(cfg)
     if info.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(work_dir)
+        if not resume:
+            for name in _RUN_FILES:
+                (work_dir / name).unlink(missing_ok=True)
+        for note in notes:
+            print(f"dnc: warning: {note}", file=sys.stderr, flush=True)
         _write_atomic(work_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     model = build_model(cfg)
     train_loader = make_loader(datasets["train"], cfg.data.batch_size, True, info, cfg.train.seed,
-                               cfg.data.num_workers, collate_fn(cfg))
+                               cfg.data.num_workers, collate_fn(cfg), on_bad=cfg.data.on_bad_sample)
     val_loader = build_eval_loader(cfg, datasets["val"], info)
     metrics = train_loop(
         cfg, model, train_loader, info, work_dir,
         evaluate=lambda m: evaluate(cfg, m, val_loader, info), metric_key=metric_key(cfg), resume=resume,
-        classes=classes, before_training=lambda m: init_centroids_from_data(cfg, m, datasets["train"], info))
+        classes=classes, before_training=lambda m: init_centroids_from_data(cfg, m, datasets["train"], info),
+        resume_state=ckpt)
     if metrics.get("stopped"):
         if info.is_main:
-            print(f"stopped at iteration {metrics['iter']}; resume with: dnc train {args.config} "
-                  f"--work-dir {work_dir} --resume", flush=True)
+            how = "" if metrics["reason"] == "stop_after" else f" by {metrics['reason']} (exit status {EXIT_STOPPED})"
+            again = shlex.join(["dnc", "train", args.config, "--work-dir", str(work_dir), "--resume", *args.overrides])
+            print(f"stopped{how} at iteration {metrics['iter']}; resume with: {again}", flush=True)
         return metrics
     if info.is_main:
         _write_json(work_dir / "metrics.json", metrics)
@@ -136,7 +171,7 @@ def cmd_demo(args) -> dict:
     for head in ("dnc", "linear"):
         print(f"== training the {head} model on the digits (CPU) ==", flush=True)
         ns = argparse.Namespace(config=str(PACKAGE_CONFIGS / "demo" / f"digits_{head}.yaml"),
-                                work_dir=str(root / head), resume=None, overrides=list(args.overrides))
+                                work_dir=str(root / head), resume=None, force=True, overrides=list(args.overrides))
         results[head] = cmd_train(ns)
     print("== explaining the DNC model: sub-centroids as training images ==", flush=True)
     cfg = load_config(str(PACKAGE_CONFIGS / "demo" / "digits_dnc.yaml"), tuple(args.overrides))
@@ -158,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a config")
     p.add_argument("config")
     p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
-    p.add_argument("--resume", nargs="?", const="auto", help="resume from CKPT (default: WORK_DIR/last.pt)")
+    p.add_argument("--resume", nargs="?", const="auto",
+                   help="continue the run of CKPT (default: WORK_DIR/last.pt) with the config it was started with")
+    p.add_argument("--force", action="store_true", help="start over in a work dir that holds a run (replaces its files)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.05")
     p.set_defaults(func=cmd_train)
 
@@ -204,7 +241,9 @@ def _parse(argv) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = _parse(argv)
     try:
-        args.func(args)
+        result = args.func(args)
+        if isinstance(result, dict) and result.get("stopped") and result.get("reason") != "stop_after":
+            return EXIT_STOPPED
     except KeyboardInterrupt:
         print("dnc: interrupted", file=sys.stderr)
         return 130
@@ -212,6 +251,8 @@ def main(argv=None) -> int:
         if os.environ.get("DNC_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.strerror and e.filename is None:  # our own "FILE: what" messages
+            msg = e.strerror                                             # without "[Errno N]"
         if msg.startswith("Caught ") and "Original Traceback" in str(e):  # re-raised from a DataLoader worker:
             msg = str(e).strip().splitlines()[-1].split(": ", 1)[-1]     # its own message is the last line
         print(f"dnc: error: {msg}", file=sys.stderr)

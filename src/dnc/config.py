@@ -8,6 +8,7 @@ reported as one line naming the key and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any, Optional
 
 import yaml
 
-__all__ = ["ConfigError", "Config", "load_config", "to_dict", "from_dict", "PACKAGE_CONFIGS"]
+__all__ = ["ConfigError", "Config", "load_config", "to_dict", "from_dict", "PACKAGE_CONFIGS", "parse_yaml", "resume_config",
+           "RESUME_FREE"]
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
@@ -133,6 +135,7 @@ class TrainConfig:
     log_interval: int = 20
     stop_after: int = 0
     threads: int = 0  # > 0: torch threads on the CPU (torch.set_num_threads)
+    tensorboard: bool = False  # also write the log's numbers as TensorBoard scalars (WORK_DIR/tensorboard)
 
 
 @dataclass
@@ -153,9 +156,39 @@ class Config:
                            ("model.dnc.update_interval", self.model.dnc.update_interval)):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
-        if not 0 <= self.model.dnc.momentum < 1:
-            raise ConfigError(f"model.dnc.momentum must be in [0, 1), got {self.model.dnc.momentum}")
+        for key, value in (("train.log_interval", t.log_interval), ("train.eval_interval", t.eval_interval)):
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        dnc, o = self.model.dnc, self.optim
+        if not 0 <= dnc.momentum < 1:
+            raise ConfigError(f"model.dnc.momentum must be in [0, 1), got {dnc.momentum}")
+        if not 0 <= o.momentum < 1:
+            raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
+        if dnc.calibration == "temperature" and not dnc.temperature > 0:
+            raise ConfigError(f"model.dnc.temperature must be > 0, got {dnc.temperature}")
+        if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
         return self
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with the YAML 1.2 float syntax: ``1e-3`` and ``5E+4`` are floats (YAML 1.1 reads them as strings)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """``yaml.safe_load`` with YAML 1.2 floats."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _merge(base: dict, new: dict) -> dict:
@@ -171,7 +204,7 @@ def _read(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: circular _base_ inheritance")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -229,7 +262,7 @@ def _override(data: dict, item: str) -> dict:
         raise ConfigError(f"override {item!r} is not of the form key=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = parse_yaml(raw) if raw else None
     except yaml.YAMLError:
         value = raw
     node: dict = {}
@@ -254,9 +287,58 @@ def resolve_config_path(path: str) -> Path:
     return p
 
 
-def load_config(path: str, overrides: tuple = ()) -> Config:
-    """Load a YAML config (with ``_base_`` files) and apply ``key=value`` overrides."""
+def load_config(path: str, overrides: tuple = (), validate: bool = True) -> Config:
+    """Load a YAML config (with ``_base_`` files) and apply ``key=value`` overrides (keys, types and
+    choices are always checked; the relations between values only with ``validate``)."""
     data = _read(resolve_config_path(path))
     for item in overrides:
         data = _override(data, item)
-    return from_dict(Config, data).validate()
+    cfg = from_dict(Config, data)
+    return cfg.validate() if validate else cfg
+
+
+# What ``--resume`` lets an override change: where the data is and how the run is watched, never what
+# is trained (the model, data, schedule, seed: the checkpoint continues the run as it was started).
+RESUME_FREE = ("data.root", "data.num_workers", "data.eval_batch_size", "train.device", "train.log_interval",
+               "train.eval_interval", "train.stop_after", "train.tensorboard", "train.threads")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resume_config(saved: dict, overrides: tuple, source: str) -> tuple:
+    """The config of a resumed run: the one ``saved`` in the checkpoint ``source``, with the overrides
+    that may change on resuming (:data:`RESUME_FREE`). Returns ``(config, notes)``: ``optim.*``
+    overrides are ignored, with a note (the run keeps its optimiser settings and state); any other
+    override that changes the run is a :class:`ConfigError` naming it. ``train.stop_after`` is not
+    carried over (it is 0 unless given again)."""
+    try:
+        data = to_dict(from_dict(Config, saved).validate())
+    except ConfigError as e:
+        raise ConfigError(f"{source}: the config saved in the checkpoint: {e}") from None
+    data["train"]["stop_after"] = 0  # a stop applies to the invocation that asked for it
+    new = data
+    for item in overrides:
+        new = _override(new, item)
+    before, after = _flat(data), _flat(to_dict(from_dict(Config, new).validate()))
+    notes = []
+    for k in sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)):
+        item = next(i for i in reversed(overrides) if k == i.split("=", 1)[0] or k.startswith(i.split("=", 1)[0] + ".")
+                    or i.split("=", 1)[0].startswith(k + "."))
+        if k.startswith("optim."):
+            notes.append(f"{item} is ignored when resuming: the run continues with the optimiser settings of {source}")
+        elif k not in RESUME_FREE:
+            raise ConfigError(f"{item}: --resume continues the run of {source}, where {k}={before.get(k)!r}; "
+                              f"only {', '.join(RESUME_FREE)} may change (start a new --work-dir to change it)")
+    for item in overrides:
+        if item.split("=", 1)[0] in RESUME_FREE:
+            data = _override(data, item)
+    return from_dict(Config, data).validate(), notes
+

@@ -8,10 +8,13 @@ schedule, loss scaler, RNG states and the position inside the epoch.
 """
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -27,8 +30,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import Config, to_dict
 
-__all__ = ["DistInfo", "setup_distributed", "EpochSampler", "SeededDataset", "make_loader", "build_optimizer",
-           "build_scheduler", "save_checkpoint", "load_checkpoint", "CheckpointError", "TrainingError", "train_loop",
+__all__ = ["DistInfo", "setup_distributed", "EpochSampler", "SeededDataset", "IndexedCollate", "make_loader",
+           "build_optimizer", "build_scheduler", "save_checkpoint", "load_checkpoint", "load_resumable", "atomic_write",
+           "remove_stale_temporaries", "ignore_stop_signals", "CheckpointError", "TrainingError", "train_loop",
            "JsonLogger", "unwrap"]
 
 CHECKPOINT_FORMAT = "dnc-checkpoint"
@@ -75,11 +79,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _all_reduce_max(flag: bool, device: torch.device) -> bool:
+def _host_group():
+    """A process group for small host-side agreements (stop flag, empty batch): the default group under
+    gloo, a gloo group beside NCCL otherwise, so that agreeing never waits on the GPU. A collective:
+    every process calls it at the same point."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def _all_reduce_max(flag: bool, group=None) -> bool:
+    """Whether any process's ``flag`` is set (a CPU tensor: no host-device synchronisation)."""
     if not dist.is_initialized():
         return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 
@@ -113,10 +125,14 @@ class EpochSampler(Sampler):
 
 class SeededDataset(Dataset):
     """Seeds the random transforms of each sample from (seed, epoch, index): augmentations do not
-    depend on worker count, worker order or where a run was resumed."""
+    depend on worker count, worker order or where a run was resumed.
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+    Returns ``(index, sample)``; with ``on_bad="skip"`` an unreadable sample (a ``ValueError`` naming
+    its file, or ``None`` from the dataset) is ``(index, None)``, which :class:`IndexedCollate` drops.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, on_bad: str = "error"):
+        self.dataset, self.seed, self.on_bad = dataset, seed, on_bad
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -127,15 +143,50 @@ class SeededDataset(Dataset):
             # The CPU generator alone (what the transforms draw from): torch.manual_seed would also
             # seed CUDA lazily, which costs more than loading a small image.
             torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63))
-            return self.dataset[index]
+            try:
+                return index, self.dataset[index]
+            except ValueError:
+                if self.on_bad != "skip":
+                    raise
+                return index, None
+
+
+class IndexedCollate:
+    """Batches as ``(images, targets, number of skipped samples, dataset indices of the kept ones)``:
+    ``collate_fn`` (returning ``(images, targets, skipped)``) sees the readable samples only. A batch
+    whose samples were all skipped has empty ``images`` and ``targets``: callers skip it."""
+
+    def __init__(self, collate_fn: Callable):
+        self.collate_fn = collate_fn
+
+    def __call__(self, batch):
+        kept = [(i, s) for i, s in batch if s is not None]
+        if not kept:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), len(batch), torch.empty(0, dtype=torch.long)
+        images, targets, skipped = self.collate_fn([s for _, s in kept])
+        return images, targets, len(batch) - len(kept) + skipped, torch.tensor([i for i, _ in kept])
+
+
+def ignore_stop_signals(worker_id: int, then: Optional[Callable[[int], None]] = None) -> None:
+    """``worker_init_fn`` of every loader: a DataLoader worker ignores SIGINT/SIGTERM, so that a signal sent
+    to the whole process group (a cluster scheduler, Ctrl-C) leaves stopping and saving to the main
+    process instead of killing the workers under it. ``then``: a ``worker_init_fn`` of the caller's."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, info: DistInfo, seed: int, num_workers: int,
-                collate_fn: Callable) -> DataLoader:
+                collate_fn: Callable, worker_init_fn: Optional[Callable[[int], None]] = None,
+                on_bad: str = "error") -> DataLoader:
+    """Batches ``(images, targets, skipped, indices)`` (:class:`IndexedCollate`) of this process's share."""
     sampler = EpochSampler(len(dataset), shuffle, seed, info.rank, info.world)
-    return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_fn, drop_last=shuffle, pin_memory=info.device.type == "cuda",
-                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(SeededDataset(dataset, seed, on_bad), batch_size=batch_size, sampler=sampler,
+                      num_workers=num_workers, collate_fn=IndexedCollate(collate_fn), drop_last=shuffle,
+                      pin_memory=info.device.type == "cuda", persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=functools.partial(ignore_stop_signals, then=worker_init_fn))
 
 
 # --------------------------------------------------------------------------------------------- optimisation
@@ -177,35 +228,88 @@ def build_scheduler(optimizer, cfg, total: int, iters_per_epoch: int):
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a temporary file in the same folder, flushed, then renamed over ``path``."""
+_TMP = ".tmp"
+
+
+def atomic_write(path, write: Callable) -> None:
+    """Write ``path`` atomically: ``write(f)`` fills a temporary file of the same folder (named
+    ``.NAME.tmpPID``, created with the usual permissions, e.g. 0644), flushed, then renamed over ``path``.
+    A failure leaves ``path`` as it was and is one ``OSError`` naming it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # e.g. a full disk: say which checkpoint could not be written
-        raise OSError(e.errno, f"{path}: cannot write checkpoint: {e.strerror or e}") from e
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError):  # torch.save's own writer reports a failed write this way
+            if "write" not in str(e):
+                raise
+            full = shutil.disk_usage(path.parent).free < 2**20
+        else:
+            full = e.errno == errno.ENOSPC
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left while writing {path}") from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise OSError(getattr(e, "errno", None), f"cannot write {path}: {why}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a ``dnc`` checkpoint without unpickling arbitrary objects (``weights_only``)."""
+def remove_stale_temporaries(folder) -> list:
+    """Remove the temporary files of :func:`atomic_write` left in ``folder`` by a process that no longer
+    runs (a killed save); returns their paths."""
+    removed = []
+    for p in Path(folder).glob(f".*{_TMP}*"):
+        pid = p.name.rsplit(_TMP, 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write a checkpoint atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
+
+
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """Load a ``dnc`` checkpoint without unpickling arbitrary objects (``weights_only``); ``mmap``: tensors
+    are read from the file only when used."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: checkpoint not found")
     try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
+        state = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - truncated, foreign or tampered files all end here
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p}: not a readable dnc checkpoint (truncated or foreign file?): {msg}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p}: not a dnc checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     return state
+
+
+_TRAINING_STATE = ("model", "optimizer", "scheduler", "scaler", "train_state", "rng", "config")
+
+
+def load_resumable(path) -> dict:
+    """A checkpoint that training can continue from (:func:`load_checkpoint` plus its training state)."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in _TRAINING_STATE if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: cannot resume from it: it holds no training state ({', '.join(missing)} "
+                              f"missing); a model saved for testing or explaining can be tested, not resumed")
+    return ckpt
 
 
 def _rng_state() -> dict:
@@ -224,22 +328,41 @@ def _set_rng_state(state: dict) -> None:
 
 # --------------------------------------------------------------------------------------------- logging
 class JsonLogger:
-    """One JSON object per line in ``log.jsonl`` (rank 0 only)."""
+    """One JSON object per line in ``log.jsonl`` (rank 0 only); with ``tensorboard``, the numbers of
+    each record also as TensorBoard scalars ``<mode>/<key>`` at step ``iter`` (in ``tensorboard``)."""
 
-    def __init__(self, path: Optional[Path]):
-        self.path = path
+    def __init__(self, path: Optional[Path], tensorboard: Optional[Path] = None):
+        self.path, self.board = path, None
+        if path is not None and tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TrainingError("train.tensorboard=true needs the tensorboard package "
+                                    "(pip install 'dnc[tensorboard]')") from None
+            self.board = SummaryWriter(str(tensorboard))
 
     def __call__(self, **record) -> None:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        if self.board is not None and "iter" in record:
+            for k, v in record.items():
+                if k not in ("iter", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.board.add_scalar(f"{record['mode']}/{k}", v, record["iter"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 class _StopRequest:
-    """Turns SIGINT/SIGTERM into a request to save a resumable checkpoint and leave."""
+    """Turns SIGINT/SIGTERM into a request to save a resumable checkpoint and leave. A second signal more
+    than a second later interrupts at once; one sooner is the same request arriving twice (a signal to the
+    whole process group that torchrun also forwards to its workers)."""
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.since = None, 0.0
         self._old = {}
 
     def __enter__(self):
@@ -251,13 +374,46 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # a second signal: stop at once
+        if self.signal is None:
+            self.signal, self.since = signal.Signals(signum).name, time.monotonic()
+        elif time.monotonic() - self.since > 1.0:  # asked again: stop at once
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+class _StopAgreement:
+    """Whether every process stops after this step, the same answer everywhere, without a host-device
+    synchronisation: ``None``, or the name of the signal that asked for the stop.
+
+    One process: the signal flag itself, read in Python at every step. Several: each step starts an
+    asynchronous all-reduce (max) of this process's signal number on a host-side group and reads the
+    one started at the step before, so all processes stop together one step after the first signal.
+    """
+
+    def __init__(self, stop: _StopRequest, group=None):
+        self.stop, self.group, self.pending = stop, group, None
+
+    def __call__(self) -> Optional[str]:
+        if not dist.is_initialized():
+            return self.stop.signal
+        agreed = None
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            number = int(flag.item())  # a CPU tensor
+            agreed = signal.Signals(number).name if number else None
+        flag = torch.tensor([float(signal.Signals[self.stop.signal]) if self.stop.signal else 0.0])
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return agreed
+
+    def close(self) -> None:
+        """Finish the all-reduce in flight (every process has started the same number of them)."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -271,9 +427,12 @@ class TrainState:
 
 def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: DistInfo, work_dir: Path,
                evaluate: Callable[[nn.Module], dict], metric_key: str, resume: Optional[str] = None,
-               classes: Optional[list] = None, before_training: Optional[Callable[[nn.Module], None]] = None) -> dict:
-    """Train ``model`` as ``cfg`` says; returns the final evaluation metrics.
+               classes: Optional[list] = None, before_training: Optional[Callable[[nn.Module], None]] = None,
+               resume_state: Optional[dict] = None) -> dict:
+    """Train ``model`` as ``cfg`` says; returns the final evaluation metrics, or ``{"stopped": True, "iter",
+    "reason"}`` when a signal or ``train.stop_after`` stopped it with a resumable ``last.pt``.
 
+    ``resume``: the checkpoint to continue from (``resume_state``: its contents, if already loaded).
     ``evaluate(model)`` runs on every process and returns the same metrics dict on each.
     """
     t = cfg.train
@@ -288,9 +447,10 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
     scheduler = build_scheduler(optimizer, cfg.sched, total, iters_per_epoch)
     scaler = torch.amp.GradScaler(info.device.type, enabled=t.amp == "fp16")
     state = TrainState()
-    log = JsonLogger(work_dir / "log.jsonl" if info.is_main else None)
+    log = JsonLogger(work_dir / "log.jsonl" if info.is_main else None,
+                     work_dir / "tensorboard" if t.tensorboard else None)
     if resume:
-        ckpt = load_checkpoint(resume)
+        ckpt = resume_state if resume_state is not None else load_resumable(resume)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -298,7 +458,8 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
         state = TrainState(**ckpt["train_state"])
         _set_rng_state(ckpt["rng"])
         _restore_per_process(model, ckpt, info, resume, log)
-        log(mode="resume", checkpoint=str(resume), iter=state.it, epoch=state.epoch)
+        state.best = _best_so_far(state.best, work_dir / "best.pt", metric_key, info)
+        log(mode="resume", checkpoint=str(resume), iter=state.it, epoch=_epoch(state))
     elif before_training is not None:
         before_training(model)
     _sync_buffers(model)  # e.g. randomly initialised sub-centroids: every process starts from process 0's
@@ -322,12 +483,14 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
             dist.barrier()
 
     def run_eval() -> dict:
+        """Evaluate (after ``last.pt`` was saved: a failed evaluation loses no training) and keep the best."""
         _sync_buffers(model)  # every process evaluates the model that is saved (process 0's BatchNorm statistics)
         metrics = evaluate(model)
         if info.is_main:
-            shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
-            print(f"epoch {state.epoch} iter {state.it}/{total}: {shown}", flush=True)
-        log(mode="val", iter=state.it, epoch=state.epoch, **{k: v for k, v in metrics.items() if not isinstance(v, list)})
+            shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool))  # e.g. "skipped 1"
+            print(f"epoch {_epoch(state)} iter {state.it}/{total}: {shown}", flush=True)
+        log(mode="val", iter=state.it, epoch=_epoch(state), **{k: v for k, v in metrics.items() if not isinstance(v, list)})
         value = metrics.get(metric_key)
         if value is not None and (state.best is None or value > state.best):
             state.best = value
@@ -336,22 +499,26 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
 
     sampler: EpochSampler = train_loader.sampler
     stop = _StopRequest()
-    metrics: dict = {}
+    group = _host_group() if dist.is_initialized() else None
+    agree = _StopAgreement(stop, group)
     run_steps = 0
     bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
     sums: dict = {}
     window = 0  # steps summed in ``sums``
-    progress = _progress(total, state.it, info.is_main)
+    progress = _Progress(total, state.it, info.is_main)
+    seen, started, logged_at = 0, time.perf_counter(), 0  # images, wall time and steps since the last log step
+    # Nothing in a step reads a device value on the host (no synchronisation): the loss is checked and the
+    # sums are read at log steps only, and the stop flag is a Python flag (agreed asynchronously under DDP).
     with stop, closing(progress):  # closed on errors too, so that an error message starts its own line
         while state.it < total:
             sampler.epoch, sampler.start = state.epoch, state.epoch_it * cfg.data.batch_size
             ddp.train()
-            for images, targets, skipped in train_loader:
+            for images, targets, skipped, _ in train_loader:
                 # A batch whose samples were all unreadable (data.on_bad_sample=skip) is a step without an
                 # update; under DDP all processes skip it together, so that none waits for the others.
                 empty = len(targets) == 0
                 if info.world > 1 and cfg.data.on_bad_sample == "skip":
-                    empty = _all_reduce_max(empty, info.device)
+                    empty = _all_reduce_max(empty, group)
                 if not empty:
                     images = images.to(info.device, non_blocking=True)
                     targets = targets.to(info.device, non_blocking=True)
@@ -371,6 +538,7 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0.0) + v.detach().float()
                     window += 1
+                    seen += len(targets)
                 scheduler.step()
                 sums["skipped"] = sums.get("skipped", 0) + skipped
                 state.it += 1
@@ -379,25 +547,33 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                 progress.update(1)
                 end = state.it >= total
                 at_log = state.it % t.log_interval == 0 or end
-                if at_log or info.world == 1:  # under DDP the signal check is a collective: only at log steps
-                    if _all_reduce_max(stop.signal is not None, info.device) or (t.stop_after and run_steps >= t.stop_after):
-                        _check_finite(bad_step, state)
-                        checkpoint()
-                        log(mode="stop", iter=state.it, epoch=state.epoch, reason=stop.signal or "stop_after")
-                        progress.close()
-                        return {"stopped": True, "iter": state.it}
+                signalled = agree()
+                if signalled or (t.stop_after and run_steps >= t.stop_after):
+                    agree.close()
+                    _check_finite(bad_step, state)
+                    checkpoint()
+                    reason = signalled or "stop_after"
+                    log(mode="stop", iter=state.it, epoch=_epoch(state), reason=reason)
+                    progress.close()
+                    log.close()
+                    return {"stopped": True, "iter": state.it, "reason": reason}
                 if at_log:
                     _check_finite(bad_step, state)
                     record = {k: (v.item() if torch.is_tensor(v) else v) / (1 if k == "skipped" else max(window, 1))
                               for k, v in sums.items()}
-                    progress.set_postfix(loss=f"{sum(v for k, v in record.items() if k != 'skipped'):.4f}")
+                    record.update(_speed(seen * info.world, time.perf_counter() - started,
+                                         run_steps - logged_at, total - state.it, info.device))
+                    record["loss"] = sum(v for k, v in record.items() if k in sums and k != "skipped")
+                    progress.report(_epoch(state), state.it, record)
                     record.update(_centroid_stats(model))
-                    log(mode="train", iter=state.it, epoch=state.epoch, lr=scheduler.get_last_lr()[0], **record)
-                    sums, window = {}, 0
+                    log(mode="train", iter=state.it, epoch=_epoch(state), lr=scheduler.get_last_lr()[0], **record)
+                    sums, window, seen, started, logged_at = {}, 0, 0, time.perf_counter(), run_steps
                 if t.iters and state.it % t.eval_interval == 0 and not end:
                     _check_finite(bad_step, state)  # never evaluate or checkpoint weights a NaN reached
-                    metrics = run_eval()
-                    checkpoint(metrics=metrics)
+                    paused = time.perf_counter()
+                    checkpoint()
+                    run_eval()
+                    started += time.perf_counter() - paused  # the throughput is training's alone
                     ddp.train()
                 if end:
                     break
@@ -406,15 +582,34 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
                 state.epoch_it = 0
                 if t.epochs and state.epoch % t.eval_interval == 0 and state.it < total:
                     _check_finite(bad_step, state)
-                    metrics = run_eval()
-                    checkpoint(metrics=metrics)
+                    paused = time.perf_counter()
+                    checkpoint()
+                    run_eval()
+                    started += time.perf_counter() - paused
                 continue
             break
+    agree.close()
     progress.close()
     _check_finite(bad_step, state)
+    checkpoint()
     metrics = run_eval()
-    checkpoint(metrics=metrics)
+    checkpoint(metrics=metrics)  # the final metrics travel with last.pt
+    log.close()
     return metrics
+
+
+def _epoch(state: TrainState) -> int:
+    """The epoch shown in logs, counted from 1: the one of the last step (a finished epoch until the
+    next one starts), so that evaluations after epochs 1, 2 and at the end of 3 read 1, 2, 3."""
+    return state.epoch + (state.epoch_it > 0)
+
+
+def _speed(images: int, seconds: float, steps: int, left: int, device: torch.device) -> dict:
+    """Throughput over the last log window, the time left at that pace and, on a GPU, the peak memory."""
+    out = {"images_per_s": round(images / max(seconds, 1e-9), 2), "eta_s": round(left * seconds / max(steps, 1), 1)}
+    if device.type == "cuda":
+        out["max_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
 
 
 def _centroid_stats(model: nn.Module) -> dict:
@@ -471,6 +666,22 @@ def _restore_per_process(model: nn.Module, ckpt: dict, info: DistInfo, path, log
     log(mode="warning", message=message)
 
 
+def _best_so_far(best: Optional[float], path: Path, key: str, info: DistInfo) -> Optional[float]:
+    """The best evaluation of the run: ``last.pt`` is saved before each evaluation, so ``best.pt`` may
+    hold a later, better one (every process gets process 0's answer)."""
+    value = [best]
+    if info.is_main and path.is_file():
+        try:
+            saved = load_checkpoint(path, mmap=True).get("metrics", {}).get(key)  # the metrics alone are read
+        except CheckpointError:
+            saved = None
+        if saved is not None and (best is None or saved > best):
+            value = [saved]
+    if dist.is_initialized():
+        dist.broadcast_object_list(value, 0)
+    return value[0]
+
+
 def _check_finite(bad_step: torch.Tensor, state: TrainState) -> None:
     """Raise on every process if any saw a non-finite loss (a collective: all processes call it at
     the same steps), naming the first such step."""
@@ -484,19 +695,35 @@ def _check_finite(bad_step: torch.Tensor, state: TrainState) -> None:
                             f"the last checkpoint is the last good one")
 
 
-class _NoProgress:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
+def _clock(seconds: float) -> str:
+    m, sec = divmod(int(seconds + 0.5), 60)
+    return f"{m // 60}:{m % 60:02d}:{sec:02d}"
 
 
-def _progress(total: int, done: int, show: bool):
-    if not show:
-        return _NoProgress()
-    from tqdm import tqdm
-    return tqdm(total=total, initial=done, dynamic_ncols=True, desc="train", leave=False)
+class _Progress:
+    """Progress of process 0: a tqdm bar on a terminal, otherwise a plain line at each log step."""
+
+    def __init__(self, total: int, done: int, show: bool):
+        self.total, self.show, self.bar = total, show, None
+        if show and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, dynamic_ncols=True, desc="train", leave=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def report(self, epoch: int, it: int, record: dict) -> None:
+        if not self.show:
+            return
+        text = f"loss {record['loss']:.4f}, {record['images_per_s']:.1f} images/s, ETA {_clock(record['eta_s'])}"
+        if "max_mem_mib" in record:
+            text += f", peak memory {record['max_mem_mib']:.0f} MiB"
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+        else:
+            print(f"epoch {epoch} iter {it}/{self.total}: {text}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

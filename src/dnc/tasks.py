@@ -6,6 +6,7 @@ module builds those pieces from a :class:`~dnc.config.Config`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import torch
@@ -16,7 +17,7 @@ from .config import Config, ConfigError
 from .engine import DistInfo, make_loader, unwrap
 
 __all__ = ["build_model", "build_cls_split", "build_datasets", "load_trained_model", "build_eval_loader", "evaluate",
-           "metric_key", "head_kwargs", "collate_fn", "autocast", "init_centroids_from_data"]
+           "metric_key", "head_kwargs", "collate_fn", "autocast", "init_centroids_from_data", "check_classes"]
 
 
 def head_kwargs(cfg: Config) -> dict:
@@ -28,6 +29,32 @@ def head_kwargs(cfg: Config) -> dict:
 
 
 def build_model(cfg: Config, pretrained: Optional[str] = None) -> nn.Module:
+    weights = cfg.model.pretrained if pretrained is None else pretrained
+    if weights and os.path.isfile(weights) and os.path.getsize(weights) == 0:
+        raise ConfigError(f"model.pretrained: {weights} is empty (0 bytes; an interrupted download?)")
+    try:
+        return _build_model(cfg, pretrained)
+    except TypeError as e:  # e.g. a misspelt model.backbone_kwargs key reaching the backbone's constructor
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ConfigError(f"model.backbone_kwargs: backbone {cfg.model.backbone!r} does not take "
+                          f"{str(e).rsplit('argument ', 1)[-1]} (given: {', '.join(cfg.model.backbone_kwargs)})") from None
+
+
+def check_classes(ckpt_classes, dataset_classes, path) -> None:
+    """``dnc test``: the checkpoint's class names must be the dataset's, in the same order (labels are
+    positions in that list). A checkpoint without names (an old one) is not checked."""
+    ckpt_classes, dataset_classes = [str(c) for c in ckpt_classes or []], [str(c) for c in dataset_classes or []]
+    if not ckpt_classes or not dataset_classes or ckpt_classes == dataset_classes:
+        return
+    if len(ckpt_classes) != len(dataset_classes):
+        raise ConfigError(f"{path}: trained on {len(ckpt_classes)} classes, the dataset has {len(dataset_classes)}")
+    i = next(i for i, (a, b) in enumerate(zip(ckpt_classes, dataset_classes)) if a != b)
+    raise ConfigError(f"{path}: class {i} is {ckpt_classes[i]!r} in the checkpoint but {dataset_classes[i]!r} in the "
+                      f"dataset (the labels would not mean the same)")
+
+
+def _build_model(cfg: Config, pretrained: Optional[str] = None) -> nn.Module:
     m = cfg.model
     weights = m.pretrained if pretrained is None else pretrained
     if cfg.task == "classification":
@@ -44,11 +71,11 @@ def metric_key(cfg: Config) -> str:
 
 def _seg_collate(batch):
     from .data.seg_transforms import seg_collate
-    return (*seg_collate(batch), 0)  # no sample is ever skipped in segmentation
+    return (*seg_collate(batch), 0)  # unreadable samples (data.on_bad_sample=skip) were dropped by the loader
 
 
 def collate_fn(cfg: Config):
-    """Batches as ``(images, targets, number of skipped samples)``."""
+    """Batches as ``(images, targets, number of skipped samples)`` (the loader adds the kept indices)."""
     if cfg.task == "classification":
         from .data.classification import collate
         return collate
@@ -137,7 +164,8 @@ def load_trained_model(cfg: Config, ckpt: dict, path) -> nn.Module:
 
 def build_eval_loader(cfg: Config, dataset, info: DistInfo):
     bs = cfg.data.eval_batch_size or (cfg.data.batch_size if cfg.task == "classification" else 1)
-    return make_loader(dataset, bs, False, info, cfg.train.seed, cfg.data.num_workers, collate_fn(cfg))
+    return make_loader(dataset, bs, False, info, cfg.train.seed, cfg.data.num_workers, collate_fn(cfg),
+                       on_bad=cfg.data.on_bad_sample)
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -152,36 +180,41 @@ def evaluate(cfg: Config, model: nn.Module, loader, info: DistInfo, predictions:
     """Metrics over the whole evaluation set, each sample counted once across processes.
 
     With ``predictions``, classification results also hold ``predictions``: one record per sample
-    (index, label, top-5 classes and their probabilities), gathered from all processes.
+    (index, label, top-5 classes and their probabilities), gathered from all processes. With
+    ``data.on_bad_sample=skip``, ``skipped`` counts the unreadable samples left out (all processes).
     """
     model = unwrap(model).eval()
+    skipped = 0
     if cfg.task == "classification":
         from .metrics import Accuracy
         metric = Accuracy(topk=(1, 5), device=info.device)
         records = []
-        position = 0
-        indices = list(loader.sampler)
-        for images, targets, _ in loader:
+        for images, targets, bad, index in loader:
+            skipped += bad
+            if len(targets) == 0:
+                continue
             images, targets = images.to(info.device), targets.to(info.device)
             with autocast(cfg, info.device):
                 logits = model(images).float()
             metric.update(logits, targets)
             if predictions:
                 prob, top = logits.softmax(1).topk(min(5, logits.shape[1]), dim=1)
-                for i in range(len(targets)):
-                    records.append({"index": indices[position + i][1], "label": int(targets[i]),
+                for i, sample in enumerate(index.tolist()):
+                    records.append({"index": sample, "label": int(targets[i]),
                                     "pred": int(top[i, 0]), "topk": top[i].tolist(),
                                     "scores": [round(p, 6) for p in prob[i].tolist()]})
-            position += len(targets)
         result = metric.compute()
         if predictions:
             result["predictions"] = sorted(_gather_objects(records), key=lambda r: r["index"])
-        return result
+        return _with_skipped(cfg, result, skipped)
     from .metrics import SegMetric
     from .models.seg_inference import seg_inference
     d = cfg.data
     metric = SegMetric(cfg.data.num_classes, device=info.device)
-    for images, masks, _ in loader:
+    for images, masks, bad, _ in loader:
+        skipped += bad
+        if len(masks) == 0:
+            continue
         images, masks = images.to(info.device), masks.to(info.device)
         with autocast(cfg, info.device):
             logits = seg_inference(model, images, cfg.data.num_classes, tuple(masks.shape[-2:]), mode=d.eval_mode,
@@ -189,7 +222,13 @@ def evaluate(cfg: Config, model: nn.Module, loader, info: DistInfo, predictions:
                                    stride=tuple(d.eval_stride) if d.eval_stride else None,
                                    scales=tuple(d.eval_scales), flip=d.eval_flip)
         metric.update(logits.argmax(1), masks)
-    return metric.compute()
+    return _with_skipped(cfg, metric.compute(), skipped)
+
+
+def _with_skipped(cfg: Config, result: dict, skipped: int) -> dict:
+    if cfg.data.on_bad_sample == "skip":
+        result["skipped"] = sum(_gather_objects([skipped]))
+    return result
 
 
 def _gather_objects(items: list) -> list:
@@ -208,11 +247,13 @@ def init_centroids_from_data(cfg: Config, model: nn.Module, dataset, info: DistI
     if cfg.model.head != "dnc" or cfg.model.dnc.init != "kmeans++":
         return
     loader = make_loader(dataset, cfg.data.batch_size, True, info, cfg.train.seed + 1, cfg.data.num_workers,
-                         collate_fn(cfg))
+                         collate_fn(cfg), on_bad=cfg.data.on_bad_sample)
     zs, ys, n = [], [], 0
     was_training = net.training
     net.eval()
-    for images, targets, _ in loader:
+    for images, targets, _, _ in loader:
+        if len(targets) == 0:
+            continue
         z, y = net.embeddings(images.to(info.device), targets.to(info.device))
         zs.append(z.float())
         ys.append(y)

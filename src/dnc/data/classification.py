@@ -29,7 +29,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 __all__ = [
-    "IMG_EXTENSIONS", "read_rgb", "CIFAR", "ImageFolder", "Digits", "LabeledSubset",
+    "IMG_EXTENSIONS", "read_rgb", "find_files", "CIFAR", "ImageFolder", "Digits", "LabeledSubset",
     "find_classes", "holdout", "check_labels", "collate", "build_cls_dataset",
 ]
 
@@ -37,12 +37,44 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 def read_rgb(path) -> Image.Image:
-    """Decode an image file as RGB; any failure is one ``ValueError`` naming the file."""
+    """Decode an image file as 8-bit RGB; any failure is one ``ValueError`` naming the file.
+
+    16-bit grayscale (PIL modes ``I;16*`` and ``I``) is scaled to 8 bits (``round(v / 257)``), where
+    PIL's own conversion would clip every value above 255 to white; floating-point images are refused.
+    """
     try:
         with Image.open(path) as img:
+            if img.mode == "F":
+                raise ValueError("floating-point pixels (mode F) are not supported; save it as 8 or 16 bits")
+            if img.mode.startswith("I"):
+                scaled = np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+                return Image.fromarray(scaled, "L").convert("RGB")
             return img.convert("RGB")
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise ValueError(f"{path}: cannot read image: {err}") from None
+
+
+def find_files(folder, extensions: Sequence[str]) -> List[str]:
+    """Image files under ``folder``, recursively, sorted; hidden names skipped. Symbolic links to folders
+    are followed once (a folder reached twice through links is read once), and a link that leads back
+    to a folder being read (a loop, e.g. ``cat/loop -> ..``) is refused with one ``ValueError``."""
+    extensions = tuple(e.lower() for e in extensions)
+    files, seen = [], {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real, keep = os.path.realpath(dirpath), []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            target = os.path.realpath(os.path.join(dirpath, d))
+            if target == real or real.startswith(target.rstrip(os.sep) + os.sep):
+                raise ValueError(f"{os.path.join(dirpath, d)}: symbolic link loop (it leads back to {target}); "
+                                 f"remove the link")
+            if target not in seen:
+                seen.add(target)
+                keep.append(d)
+        dirnames[:] = keep
+        files += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and f.lower().endswith(extensions)]
+    return sorted(files)
 
 
 # --------------------------------------------------------------------------------------- CIFAR
@@ -163,8 +195,9 @@ class ImageFolder(Dataset):
 
     Class names are the sorted folder names; label ``i`` is ``classes[i]``. If ``classes`` is
     given, its order fixes the labels and the folders must match it exactly. Files are found
-    recursively inside each class folder, keep only ``extensions`` (case-insensitive), skip
-    hidden names (``.``-prefixed, e.g. macOS ``._x.jpg``) and are sorted by path.
+    recursively inside each class folder (:func:`find_files`: symbolic links followed once, loops
+    refused), keep only ``extensions`` (case-insensitive), skip hidden names (``.``-prefixed, e.g.
+    macOS ``._x.jpg``) and are sorted by path.
 
     ``__getitem__`` decodes lazily (``PIL.Image.open(...).convert('RGB')``) into a
     ``tv_tensors.Image`` uint8 ``(3, H, W)``. An unreadable file raises
@@ -194,17 +227,12 @@ class ImageFolder(Dataset):
                 if c not in classes:
                     raise ValueError(f"{root / c}: folder is not one of the {len(classes)} given classes")
 
-        extensions = tuple(e.lower() for e in extensions)
         samples: List[Tuple[str, int]] = []
         for label, name in enumerate(classes):
-            files = []
-            for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                files += [os.path.join(dirpath, f) for f in filenames
-                          if not f.startswith(".") and f.lower().endswith(extensions)]
+            files = find_files(root / name, extensions)
             if not files:
                 raise ValueError(f"{root / name}: class folder has no images ({', '.join(extensions)})")
-            samples += [(f, label) for f in sorted(files)]
+            samples += [(f, label) for f in files]
 
         self.root = root
         self.transform = transform

@@ -62,8 +62,10 @@ class Segmenter(nn.Module):
         return F.interpolate(masks[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
     def _ce(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the labelled pixels; zero (not NaN) for a batch whose pixels are all void."""
         up = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(up, masks, ignore_index=self.ignore_index)
+        labelled = (masks != self.ignore_index).sum().clamp_min(1)
+        return F.cross_entropy(up, masks, ignore_index=self.ignore_index, reduction="sum") / labelled
 
     def forward(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None):
         feats = self.encoder(images)
