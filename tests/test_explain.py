@@ -301,3 +301,20 @@ def test_segmentation_predict_writes_colour_masks_in_the_dataset_palette(tmp_pat
     share = torch.bincount(expected.flatten(), minlength=11).float() / expected.numel()
     assert rec["pred"] == CAMVID_CLASSES[int(share.argmax())]
     assert sum(t["score"] for t in rec["top"]) <= 1 + 1e-6
+
+
+def test_explain_anchors_only_to_images_the_model_was_trained_on(trained, tmp_path):
+    """Data overrides choose the evaluation set; the training images searched stay those of training
+    (here: trained with 20% of the digits held out, evaluated on a 50% split that overlaps training)."""
+    out = tmp_path / "o"
+    assert main(["explain", DNC_CFG, str(trained), "--out", str(out), "--top-m", "2", "--examples", "0",
+                 "data.dataset_kwargs.val_fraction=0.5"]) == 0
+    result = json.loads((out / "explain.json").read_text())
+    trained_on = Digits(train=True)  # the training split of the checkpoint's config
+    assert result["num_train"] == len(trained_on)
+    assert result["num_eval"] == result["evaluated"]["samples"] == len(Digits(train=False, val_fraction=0.5))
+    ckpt = load_checkpoint(out / "anchored.pt")
+    index = ckpt["anchor_index"]
+    assert (index >= 0).all() and int(index.max()) < len(trained_on)
+    assert all(trained_on.sample_name(int(i)) == name for i, name in zip(index.flatten(), sum(ckpt["anchor_names"], [])))
+    assert ckpt["config"]["data"]["dataset_kwargs"].get("val_fraction", 0.2) == 0.2  # predict reads these images
