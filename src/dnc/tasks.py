@@ -100,7 +100,10 @@ def _check_root(cfg: Config) -> None:
 def _seg_split(cfg: Config, split: str, transforms) -> "torch.utils.data.Dataset":
     from .data.segmentation import build_seg_dataset, check_masks
     d = cfg.data
-    ds = build_seg_dataset(d.dataset, d.root, split, transforms, **d.dataset_kwargs)
+    kw = dict(d.dataset_kwargs)
+    if d.dataset == "folder":
+        kw.setdefault("num_classes", d.num_classes)  # a folder of masks has the classes of the config
+    ds = build_seg_dataset(d.dataset, d.root, split, transforms, **kw)
     if ds.num_classes != d.num_classes:
         raise ConfigError(f"dataset {d.dataset} has {ds.num_classes} classes but data.num_classes={d.num_classes}")
     if d.check_labels:
