@@ -37,10 +37,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Config, from_dict, to_dict
-from .files import write_json
 from .engine import load_checkpoint, save_checkpoint, setup_distributed, unwrap
+from .files import write_json
 from .report import render_decision, render_gallery, write_report
-from .tasks import autocast, build_cls_split, build_datasets, build_eval_loader, evaluate, load_trained_model
+from .tasks import (autocast, build_cls_split, build_eval_loader, build_eval_split, cls_transform, evaluate,
+                    load_trained_model)
 
 __all__ = ["TopMSearch", "TrainingMatches", "search_training_set", "anchor_model", "subcentroid_statistics",
            "explain_decisions", "Decisions", "pixel_decisions", "training_config", "run_explain", "add_command"]
@@ -327,8 +328,6 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
                 progress: bool = True, config_name: str = "") -> dict:
     """``dnc explain``: anchor, evaluate before/after, write ``anchored.pt``, ``explain.json``, the
     galleries and ``index.html`` into ``out_dir``; returns the ``explain.json`` dict."""
-    from .data.transforms import build_cls_transform
-
     _require_dnc(cfg.task, cfg.model.head, checkpoint)
     if examples < 0:
         raise ValueError(f"--examples must be >= 0, got {examples}")
@@ -345,7 +344,7 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
 
     train_cfg = training_config(cfg, ckpt)
     d = train_cfg.data
-    train = build_cls_split(train_cfg, "train", build_cls_transform(d.preset, False, d.img_size))
+    train = build_cls_split(train_cfg, "train", cls_transform(train_cfg, False))
     classes = list(train.classes)
     batch = d.eval_batch_size or d.batch_size
     matches = search_training_set(model, train, top_m, batch, d.num_workers, info.device,
@@ -355,7 +354,7 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
     after_p = _head(anchored).centroids.centroids.detach()
     stats = subcentroid_statistics(before_p, matches, after_p)
 
-    val = build_datasets(cfg, ("val",))[0]["val"]
+    val, evaluated = build_eval_split(cfg, "val")
     loader = build_eval_loader(cfg, val, info)
     before = evaluate(cfg, model, loader, info, predictions=True)
     after = evaluate(cfg, anchored, loader, info, predictions=True)
@@ -370,7 +369,7 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
     result = {
         "config_name": config_name or "-", "checkpoint": str(checkpoint), "classes": classes,
         "num_subcentroids": k, "top_m": top_m, "num_train": int(matches.class_counts.sum()), "num_eval": len(val),
-        "evaluated": {"split": "val", "root": cfg.data.root, "holdout": cfg.data.holdout, "samples": len(val)},
+        "evaluated": evaluated,
         "accuracy": {"before": {"top1": before["top1"], "top5": before.get("top5")},
                      "after": {"top1": after["top1"], "top5": after.get("top5")},
                      "agreement": 100.0 * agree / max(len(after["predictions"]), 1)},
@@ -457,7 +456,8 @@ def _cmd_explain(args) -> dict:
     result = run_explain(cfg, args.checkpoint, args.out_dir, args.top_m, args.examples, progress=True,
                          config_name=str(args.config))
     acc = result["accuracy"]
-    print(f"top-1 original {acc['before']['top1']:.2f}%, anchored {acc['after']['top1']:.2f}% "
+    print(f"scored {result['evaluated']['source']}: {result['num_eval']} samples; "
+          f"top-1 original {acc['before']['top1']:.2f}%, anchored {acc['after']['top1']:.2f}% "
           f"({acc['after']['top1'] - acc['before']['top1']:+.2f}); unused sub-centroids {result['unused']}; "
           f"report {Path(args.out_dir) / 'index.html'}", flush=True)
     return result

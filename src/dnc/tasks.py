@@ -6,6 +6,7 @@ module builds those pieces from a :class:`~dnc.config.Config`.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -280,7 +281,7 @@ def evaluate(cfg: Config, model: nn.Module, loader, info: DistInfo, predictions:
     from tqdm import tqdm
     model = unwrap(model).eval()
     bar = tqdm(loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True,
-               disable=not (progress and info.is_main))
+               disable=not (progress and info.is_main and sys.stderr.isatty()))  # no bar in logs
     c = cfg.data.num_classes
     if cfg.task == "classification":
         from .metrics import Accuracy, ConfusionMatrix
