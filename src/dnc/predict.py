@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data.classification import IMG_EXTENSIONS, read_rgb
 from .engine import load_checkpoint, setup_distributed
-from .explain import explain_decisions, pixel_decisions
+from .explain import _sample_name, explain_decisions, pixel_decisions
 from .files import write_atomic, write_json
 from .report import palette, render_decision, render_segmentation
 from .tasks import build_cls_split, checkpoint_config, eval_transform, load_trained_model
@@ -139,11 +139,6 @@ def _anchors(cfg, ckpt: dict, checkpoint):
         raise ValueError(f"{checkpoint}: anchors index {int(used.max())} but the training set has "
                          f"{len(raw_train)} images: it changed since dnc explain")
     return anchor_index, raw_train
-
-
-def _sample_name(dataset, index: int) -> str:
-    name = getattr(dataset, "sample_name", None)
-    return (name(index) if name is not None else None) or f"#{index}"
 
 
 def run_predict(checkpoint, inputs: Sequence[str], explain: bool = False, pictures=None, topk: int = 5,
