@@ -318,3 +318,18 @@ def test_explain_anchors_only_to_images_the_model_was_trained_on(trained, tmp_pa
     assert (index >= 0).all() and int(index.max()) < len(trained_on)
     assert all(trained_on.sample_name(int(i)) == name for i, name in zip(index.flatten(), sum(ckpt["anchor_names"], [])))
     assert ckpt["config"]["data"]["dataset_kwargs"].get("val_fraction", 0.2) == 0.2  # predict reads these images
+
+
+@pytest.mark.parametrize("dataset, n, cls, rgb", [("camvid", 11, "sky", (128, 128, 128)),
+                                                  ("cityscapes", 19, "road", (128, 64, 128)),
+                                                  ("ade20k", 150, "wall", (120, 120, 120))])
+def test_segmentation_palettes_are_the_datasets_own_and_distinct(dataset, n, cls, rgb):
+    from dnc.data.segmentation import ADE20K_CLASSES, CITYSCAPES_CLASSES
+    from dnc.report import palette
+    names = {"camvid": CAMVID_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "ade20k": ADE20K_CLASSES}[dataset]
+    colours = palette(n, dataset)
+    assert colours.shape == (n, 3) and len(names) == n
+    assert tuple(colours[names.index(cls)].tolist()) == rgb
+    assert len({tuple(c) for c in colours.tolist()}) == n - (dataset == "ade20k")  # MMSeg's ADE20K repeats one grey
+    generated = palette(7, "camvid")  # another class count: distinct generated colours
+    assert len({tuple(c) for c in generated.tolist()}) == 7
