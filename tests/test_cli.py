@@ -342,3 +342,12 @@ def test_version_and_help_of_every_positional_argument(capsys):
         for action in sub._actions:
             if not action.option_strings:
                 assert action.help, f"dnc {name}: positional {action.dest} has no help"
+
+
+def test_readme_and_demo_help_state_the_same_demo_time():
+    from pathlib import Path
+
+    from dnc.cli import DEMO_TIME
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    make_demo = next(line for line in readme.splitlines() if line.startswith("make demo"))
+    assert f"(CPU, {DEMO_TIME})" in make_demo

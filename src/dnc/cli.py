@@ -152,7 +152,7 @@ def cmd_config(args) -> dict:
     return data
 
 
-DEMO_TIME = "about 30 s on 2 cores"  # measured: see the README; keep the two the same
+DEMO_TIME = "about 30 s of one CPU core"  # measured (CPU time, one thread); the README says the same
 
 
 def cmd_demo(args) -> dict:
@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("demo", help=f"train DNC and linear models on the built-in digits and explain the DNC one "
-                                    f"(CPU, {DEMO_TIME})")
+    demo = f"train DNC and linear models on the built-in digits and explain the DNC one (CPU, {DEMO_TIME})"
+    p = sub.add_parser("demo", help=demo, description=demo[0].upper() + demo[1:] + ".")
     p.add_argument("--work-dir", default="work_dirs/demo", help="output folder (default work_dirs/demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of both digits configs")
     p.set_defaults(func=cmd_demo)
