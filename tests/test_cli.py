@@ -188,3 +188,166 @@ def test_a_batch_of_only_unreadable_images_is_skipped(image_folder, tmp_path):
     assert main(["train", str(config), "--work-dir", str(work), "data.on_bad_sample=skip", "data.batch_size=1"]) == 0
     recs = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     assert sum(r["skipped"] for r in recs if r["mode"] == "train") == 2
+
+
+# ------------------------------------------------------------------------------------- dnc test
+def test_test_without_a_config_equals_test_with_it(trained, tmp_path, capsys):
+    """The checkpoint holds its config: ``dnc test CKPT`` scores exactly what ``dnc test CONFIG CKPT`` does,
+    overrides included; the results carry per-class accuracy, the confusion matrix and image paths."""
+    ckpt = str(trained / "last.pt")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["test", ckpt, "--out", str(a)]) == 0
+    assert main(["test", CONFIG, ckpt, "--out", str(b), *RUN]) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra.pop("config") is None and rb.pop("config") == CONFIG
+    assert ra == rb
+    assert ra["evaluated"]["split"] == "val" and ra["evaluated"]["samples"] == NUM_VAL
+    cm = np.array(ra["confusion"])
+    preds = ra["predictions"]
+    labels, pred = np.array([p["label"] for p in preds]), np.array([p["pred"] for p in preds])
+    assert cm.sum() == NUM_VAL and np.array_equal(cm, np.bincount(labels * 10 + pred, minlength=100).reshape(10, 10))
+    per_class = [100 * cm[c, c] / cm[c].sum() for c in range(10)]
+    assert ra["per_class_accuracy"] == pytest.approx(per_class)
+    assert 100 * np.trace(cm) / NUM_VAL == pytest.approx(ra["top1"])
+    assert [p["path"] for p in preds] == [Digits(train=False, val_fraction=0.0501).sample_name(p["index"]) for p in preds]
+    # overrides apply to the saved config as they do to the file
+    capsys.readouterr()
+    assert main(["test", ckpt, "data.dataset_kwargs.val_fraction=0.2"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(Digits(train=False))} samples" in out.splitlines()[0]
+    assert json.loads(out.splitlines()[-1])["evaluated"]["samples"] == len(Digits(train=False))
+
+
+def test_test_prints_per_class_figures(trained, capsys):
+    capsys.readouterr()
+    assert main(["test", str(trained / "last.pt")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("scoring ") and f"{NUM_VAL} samples" in lines[0] and "digits" in lines[0]
+    table = lines[lines.index(next(s for s in lines if s.startswith("class"))) + 1:][:10]
+    assert [row.split()[0] for row in table] == [str(c) for c in range(10)]
+    assert sum(int(row.split()[1]) for row in table) == NUM_VAL
+    assert any(s.startswith("confusion matrix") for s in lines)
+
+
+def test_a_checkpoint_without_a_config_needs_the_config_file(tmp_path, capsys):
+    from dnc.engine import save_checkpoint
+    from dnc.tasks import build_model
+    save_checkpoint(tmp_path / "bare.pt", {"model": build_model(load_config(CONFIG, tuple(TINY))).state_dict()})
+    assert main(["test", str(tmp_path / "bare.pt")]) == 1
+    assert "no saved config" in error_line(capsys)
+    assert main(["test", CONFIG, str(tmp_path / "bare.pt"), *TINY]) == 0
+
+
+@pytest.fixture(scope="module")
+def folder_with_test_split(tmp_path_factory):
+    """root/{train,val,test}/{a,b,c}/*.png (7, 2 and 3 images per class) and a DNC model trained on it."""
+    rng = np.random.default_rng(1)
+    root = tmp_path_factory.mktemp("folder") / "images"
+    for split, n in (("train", 7), ("val", 2), ("test", 3)):
+        for cls, base in (("a", 30), ("b", 130), ("c", 230)):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(base + rng.integers(-20, 20, (8, 8, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{split}{i}.png")
+    config = root.parent / "folder.yaml"
+    config.write_text(yaml.safe_dump({
+        "task": "classification",
+        "model": {"backbone": "tiny_cnn", "backbone_kwargs": {"width": 4, "num_features": 16}, "head": "dnc",
+                  "dnc": {"num_subcentroids": 2}},
+        "data": {"dataset": "imagefolder", "root": str(root), "num_classes": 3, "preset": "none", "batch_size": 7,
+                 "num_workers": 0},
+        "optim": {"name": "sgd", "lr": 0.05},
+        "train": {"epochs": 1, "device": "cpu", "log_interval": 1},
+    }))
+    work = root.parent / "run"
+    assert main(["train", str(config), "--work-dir", str(work)]) == 0
+    return root, work / "last.pt"
+
+
+@pytest.mark.parametrize("split, per_class", [("test", 3), ("val", 2), ("train", 7)])
+def test_split_scores_any_folder_of_an_image_folder(folder_with_test_split, tmp_path, split, per_class):
+    root, ckpt = folder_with_test_split
+    out = tmp_path / "r.json"
+    assert main(["test", str(ckpt), "--split", split, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["evaluated"] == {"split": split, "root": str(root), "samples": 3 * per_class, "holdout": 0,
+                                   "source": f"split '{split}' of {root}"}
+    assert sorted(p["path"] for p in result["predictions"]) == sorted(str(f) for f in (root / split).rglob("*.png"))
+    assert "top5" not in result and "top1" in result  # 3 classes: no top-5
+    assert [sum(row) for row in result["confusion"]] == [per_class] * 3
+
+
+def test_holdout_is_said_to_be_scored(folder_with_test_split, capsys):
+    root, ckpt = folder_with_test_split
+    capsys.readouterr()
+    assert main(["test", str(ckpt), "data.holdout=3"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "3 training images held out" in first and "data.holdout=3" in first and "not its val/ folder" in first
+    assert main(["test", str(ckpt), "--split", "nosuch"]) == 1
+    assert str(root / "nosuch") in error_line(capsys)
+
+
+def test_split_test_of_a_camvid_folder(tmp_path, capsys):
+    """A segmentation checkpoint scored on CamVid's test/ split, with per-class IoU."""
+    from dnc.config import Config, from_dict, to_dict
+    from dnc.data.segmentation import CAMVID_CLASSES
+    from dnc.engine import save_checkpoint
+    from dnc.tasks import build_model
+    import torch
+    rng = np.random.default_rng(0)
+    root = tmp_path / "camvid"
+    for split, n in (("train", 1), ("val", 1), ("test", 2)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(root / split / "images" / f"{i}.jpg")
+            Image.fromarray(rng.integers(0, 12, (24, 32), dtype=np.uint8)).save(root / split / "labels" / f"{i}.png")
+    cfg = from_dict(Config, {"task": "segmentation",
+                             "data": {"dataset": "camvid", "root": str(root), "num_classes": 11, "scale": None,
+                                      "num_workers": 0},
+                             "model": {"backbone": "resnet18", "decoder": "fcn", "decoder_channels": 16},
+                             "train": {"iters": 1, "device": "cpu"}})
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "seg.pt", {"model": build_model(cfg, pretrained="").state_dict(), "config": to_dict(cfg),
+                                          "classes": list(CAMVID_CLASSES)})
+    capsys.readouterr()
+    assert main(["test", str(tmp_path / "seg.pt"), "--split", "test", "--out", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["evaluated"]["split"] == "test" and result["evaluated"]["samples"] == 2
+    assert len(result["IoU"]) == 11 and "mIoU" in result
+    assert "sky" in out and "IoU %" in out and "split 'test'" in out.splitlines()[0]
+
+
+# ------------------------------------------------------------------------------------- small commands
+def test_config_prints_the_resolved_config(capsys):
+    capsys.readouterr()
+    assert main(["config", CONFIG, *TINY]) == 0
+    from dnc.config import Config, from_dict
+    assert from_dict(Config, yaml.safe_load(capsys.readouterr().out)) == load_config(CONFIG, tuple(TINY))
+
+
+def test_version_and_help_of_every_positional_argument(capsys):
+    import argparse
+
+    import dnc
+    from dnc.cli import build_parser
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"dnc {dnc.__version__}"
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"train", "test", "explain", "predict", "config", "demo"} <= set(commands)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if not action.option_strings:
+                assert action.help, f"dnc {name}: positional {action.dest} has no help"
+
+
+def test_readme_and_demo_help_state_the_same_demo_time():
+    from pathlib import Path
+
+    from dnc.cli import DEMO_TIME
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    make_demo = next(line for line in readme.splitlines() if line.startswith("make demo"))
+    assert f"(CPU, {DEMO_TIME})" in make_demo

@@ -1,4 +1,5 @@
-"""Tests for dnc.explain: streaming top-m search, anchoring, report, predictions (CPU, small)."""
+"""Tests for dnc.explain, dnc.report and dnc predict --explain: streaming top-m search, anchoring, report,
+explained predictions (CPU, small)."""
 import json
 from html.parser import HTMLParser
 
@@ -13,6 +14,7 @@ from dnc.cli import main
 from dnc.config import PACKAGE_CONFIGS, Config, from_dict, load_config, to_dict
 from dnc.data.classification import Digits, build_cls_dataset
 from dnc.data.seg_transforms import build_seg_transforms
+from dnc.data.segmentation import CAMVID_CLASSES
 from dnc.data.transforms import build_cls_transform
 from dnc.engine import load_checkpoint, save_checkpoint
 from dnc.explain import TopMSearch, explain_decisions, pixel_decisions, subcentroid_statistics
@@ -196,25 +198,36 @@ def test_predict_prints_top_classes_and_writes_explanation(explained, tmp_path, 
         paths.append(tmp_path / f"digit{i}.png")
         Image.fromarray(digits[i][0].permute(1, 2, 0).numpy()).save(paths[-1])
     capsys.readouterr()
-    assert main(["predict", str(out / "anchored.pt"), *map(str, paths), "--explain", "--out", str(tmp_path / "o"),
-                 "--topk", "3"]) == 0
+    assert main(["predict", str(out / "anchored.pt"), *map(str, paths), "--explain", "--pictures", str(tmp_path / "o"),
+                 "--topk", "3", "--out", str(tmp_path / "preds.json")]) == 0
     printed = capsys.readouterr().out
+    records = json.loads((tmp_path / "preds.json").read_text())
     model = _load(DNC_CFG, out / "anchored.pt")
+    anchor_index = load_checkpoint(out / "anchored.pt")["anchor_index"]
     tf = build_cls_transform("digits", False)
-    for i, path in enumerate(paths):
+    assert [r["path"] for r in records] == list(map(str, paths))
+    for i, (path, rec) in enumerate(zip(paths, records)):
         expected = int(model(tf(digits[i][0])[None]).argmax())
         line = next(s for s in printed.splitlines() if s.startswith(str(path)))
-        assert line.split(": ")[1].split()[0] == str(expected)
-        assert "decided by sub-centroid" in printed
-        with Image.open(tmp_path / "o" / f"digit{i}_explain.png") as img:
+        assert line.split(": ")[1].split()[0] == str(expected) == rec["pred"] == rec["top"][0]["class"]
+        assert len(rec["top"]) == 3
+        # the deciding exemplars: the anchors of the named sub-centroids of the top two classes
+        won, runner = rec["decided_by"]
+        assert won["class"] == rec["pred"] and runner["class"] == rec["top"][1]["class"]
+        for d in (won, runner):
+            assert d["anchor_index"] == int(anchor_index[int(d["class"]), d["subcentroid"]])
+        # the picture is named after the image and the predicted class
+        assert rec["picture"] == str(tmp_path / "o" / f"digit{i}_{expected}.png")
+        with Image.open(rec["picture"]) as img:
             img.load()
+    assert "decided by sub-centroid" in printed
 
 
 def test_predict_explain_needs_an_anchored_checkpoint(trained, tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     assert main(["predict", str(trained), str(tmp_path / "x.png")]) == 0
     capsys.readouterr()
-    assert main(["predict", str(trained), str(tmp_path / "x.png"), "--explain", "--out", str(tmp_path)]) == 1
+    assert main(["predict", str(trained), str(tmp_path / "x.png"), "--explain", "--pictures", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert "anchored checkpoint" in err and len(err.splitlines()) == 1
     assert main(["predict", str(trained), str(tmp_path / "missing.png")]) == 1
@@ -253,27 +266,70 @@ def test_segmentation_predict_maps_the_winning_subcentroid(tmp_path, capsys):
 
     Image.fromarray(torch.randint(0, 256, (40, 52, 3), dtype=torch.uint8).numpy()).save(tmp_path / "street.png")
     capsys.readouterr()
-    assert main(["predict", str(tmp_path / "seg.pt"), str(tmp_path / "street.png"), "--explain", "--out",
+    assert main(["predict", str(tmp_path / "seg.pt"), str(tmp_path / "street.png"), "--explain", "--pictures",
                  str(tmp_path / "o")]) == 0
     assert "sub-centroid maps" in capsys.readouterr().out
-    with Image.open(tmp_path / "o" / "street_explain.png") as img:
+    with Image.open(tmp_path / "o" / "street_segments.png") as img:
         img.load()
 
 
-def test_segmentation_predict_writes_colour_masks_beside_the_images(tmp_path):
-    cfg = from_dict(Config, {"task": "segmentation", "data": {"dataset": "camvid", "num_classes": 4, "scale": None},
+def test_segmentation_predict_writes_colour_masks_in_the_dataset_palette(tmp_path):
+    cfg = from_dict(Config, {"task": "segmentation", "data": {"dataset": "camvid", "num_classes": 11, "scale": None},
                              "model": {"backbone": "resnet18", "decoder": "fcn", "decoder_channels": 16, "head": "linear"},
                              "train": {"iters": 1}})
     torch.manual_seed(0)
     model = build_model(cfg, pretrained="").eval()
-    save_checkpoint(tmp_path / "seg.pt", {"model": model.state_dict(), "config": to_dict(cfg), "classes": list("abcd")})
+    save_checkpoint(tmp_path / "seg.pt", {"model": model.state_dict(), "config": to_dict(cfg),
+                                          "classes": list(CAMVID_CLASSES)})
     image = torch.randint(0, 256, (40, 52, 3), dtype=torch.uint8)
     Image.fromarray(image.numpy()).save(tmp_path / "street.png")
-    assert main(["predict", str(tmp_path / "seg.pt"), str(tmp_path / "street.png")]) == 0
-    with Image.open(tmp_path / "street_mask.png") as mask:
+    assert main(["predict", str(tmp_path / "seg.pt"), str(tmp_path / "street.png"), "--pictures", str(tmp_path / "o"),
+                 "--out", str(tmp_path / "preds.json")]) == 0
+    rec, = json.loads((tmp_path / "preds.json").read_text())
+    assert rec["mask"] == str(tmp_path / "o" / "street_mask.png")
+    with Image.open(rec["mask"]) as mask:
         assert mask.mode == "P" and mask.size == (52, 40)
         classes = torch.from_numpy(np.array(mask)).long()
+        # CamVid's usual colours: sky grey, car purple (told apart)
+        colours = torch.tensor(mask.getpalette()[:33]).view(11, 3)
+        assert colours[CAMVID_CLASSES.index("sky")].tolist() == [128, 128, 128]
+        assert colours[CAMVID_CLASSES.index("car")].tolist() == [64, 0, 128]
     x = build_seg_transforms(False, scale=None)(tv_tensors.Image(image.permute(2, 0, 1)), torch.zeros(40, 52))[0]
     with torch.no_grad():
         expected = F.interpolate(model(x[None]), size=(40, 52), mode="bilinear", align_corners=False).argmax(1)[0]
     assert torch.equal(classes, expected)
+    share = torch.bincount(expected.flatten(), minlength=11).float() / expected.numel()
+    assert rec["pred"] == CAMVID_CLASSES[int(share.argmax())]
+    assert sum(t["score"] for t in rec["top"]) <= 1 + 1e-6
+
+
+def test_explain_anchors_only_to_images_the_model_was_trained_on(trained, tmp_path):
+    """Data overrides choose the evaluation set; the training images searched stay those of training
+    (here: trained with 20% of the digits held out, evaluated on a 50% split that overlaps training)."""
+    out = tmp_path / "o"
+    assert main(["explain", DNC_CFG, str(trained), "--out", str(out), "--top-m", "2", "--examples", "0",
+                 "data.dataset_kwargs.val_fraction=0.5"]) == 0
+    result = json.loads((out / "explain.json").read_text())
+    trained_on = Digits(train=True)  # the training split of the checkpoint's config
+    assert result["num_train"] == len(trained_on)
+    assert result["num_eval"] == result["evaluated"]["samples"] == len(Digits(train=False, val_fraction=0.5))
+    ckpt = load_checkpoint(out / "anchored.pt")
+    index = ckpt["anchor_index"]
+    assert (index >= 0).all() and int(index.max()) < len(trained_on)
+    assert all(trained_on.sample_name(int(i)) == name for i, name in zip(index.flatten(), sum(ckpt["anchor_names"], [])))
+    assert ckpt["config"]["data"]["dataset_kwargs"].get("val_fraction", 0.2) == 0.2  # predict reads these images
+
+
+@pytest.mark.parametrize("dataset, n, cls, rgb", [("camvid", 11, "sky", (128, 128, 128)),
+                                                  ("cityscapes", 19, "road", (128, 64, 128)),
+                                                  ("ade20k", 150, "wall", (120, 120, 120))])
+def test_segmentation_palettes_are_the_datasets_own_and_distinct(dataset, n, cls, rgb):
+    from dnc.data.segmentation import ADE20K_CLASSES, CITYSCAPES_CLASSES
+    from dnc.report import palette
+    names = {"camvid": CAMVID_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "ade20k": ADE20K_CLASSES}[dataset]
+    colours = palette(n, dataset)
+    assert colours.shape == (n, 3) and len(names) == n
+    assert tuple(colours[names.index(cls)].tolist()) == rgb
+    assert len({tuple(c) for c in colours.tolist()}) == n - (dataset == "ade20k")  # MMSeg's ADE20K repeats one grey
+    generated = palette(7, "camvid")  # another class count: distinct generated colours
+    assert len({tuple(c) for c in generated.tolist()}) == 7

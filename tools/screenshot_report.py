@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Render a ``dnc explain`` report in headless Chromium: check every image loads, save a screenshot.
 
-    python tools/screenshot_report.py DIR/index.html --out docs/report.png [--window-size 1280,2000]
+    python tools/screenshot_report.py DIR/index.html [--out FILE.png] [--window-size 1280,2000]
+
+The screenshot goes to ``DIR/report.png`` beside the report unless ``--out`` names another file (the
+README's ``docs/report.png`` is only replaced when asked for by name).
 
 Two Chromium runs, both offline (``file://``, background networking off):
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -89,16 +93,22 @@ def screenshot(binary: str, page: Path, out: Path, size: str, max_kb: int, timeo
             err = proc.stderr.strip().splitlines()[-1:] or ["no output"]
             raise SystemExit(f"screenshot_report: Chromium wrote no screenshot ({err[0]})")
         img = Image.open(shot).convert("RGB")
-        img.save(out, optimize=True)
-        if out.stat().st_size > max_kb * 1024:
-            img.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(out, optimize=True)
+        part = out.with_name(f".{out.name}.part")  # written beside, then renamed: never a half-written PNG
+        try:
+            img.save(part, format="PNG", optimize=True)
+            if part.stat().st_size > max_kb * 1024:
+                img.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+                    part, format="PNG", optimize=True)
+            os.replace(part, out)
+        finally:
+            part.unlink(missing_ok=True)
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", type=Path, help="index.html written by dnc explain")
-    ap.add_argument("--out", type=Path, default=Path("docs/report.png"), help="screenshot PNG (default docs/report.png)")
+    ap.add_argument("--out", type=Path, default=None, help="screenshot PNG (default: report.png beside the report)")
     ap.add_argument("--window-size", default="1280,2000", help="W,H in CSS pixels (default 1280,2000)")
     ap.add_argument("--max-kb", type=int, default=500, help="reduce to a palette above this size (default 500)")
     ap.add_argument("--chromium", help="browser binary (default: chromium on PATH)")
@@ -116,7 +126,8 @@ def main(argv=None) -> int:
         return 1
     print(f"{args.report}: all {result['total']} images loaded in Chromium")
     if not args.no_screenshot:
-        out = screenshot(binary, args.report, args.out, args.window_size, args.max_kb)
+        out = screenshot(binary, args.report, args.out or args.report.parent / "report.png", args.window_size,
+                         args.max_kb)
         w, h = Image.open(out).size
         print(f"screenshot {out}: {w}x{h}, {out.stat().st_size / 1024:.0f} KB")
     return 0

@@ -1,8 +1,11 @@
-"""``dnc`` command line: train, test, explain, predict, demo.
+"""``dnc`` command line: train, test, explain, predict, config, demo.
 
     dnc train CONFIG [--work-dir DIR] [--resume [CKPT]] [--force] [key=value ...]
     torchrun --nproc_per_node 8 -m dnc train CONFIG ...
-    dnc test CONFIG CHECKPOINT [--out result.json|result.pkl] [--metrics accuracy|mIoU] [key=value ...]
+    dnc test [CONFIG] CHECKPOINT [--split NAME] [--out result.json|result.pkl] [--metrics accuracy|mIoU] [key=value ...]
+    dnc explain CONFIG CHECKPOINT --out DIR [key=value ...]
+    dnc predict CHECKPOINT IMAGE|FOLDER|GLOB... [--out preds.json|preds.csv] [--explain]
+    dnc config CONFIG [key=value ...]
     dnc demo
 
 Errors are reported as one line naming the file, key or sample at fault (``DNC_DEBUG=1`` shows the
@@ -19,17 +22,11 @@ from pathlib import Path
 
 import yaml
 
+from . import __version__
+from .files import write_atomic as _write_atomic
+from .files import write_json as _write_json
+
 __all__ = ["main"]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    from .engine import atomic_write
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(data))
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _seed(seed: int, deterministic: bool) -> None:
@@ -80,7 +77,8 @@ def cmd_train(args) -> dict:
     import shlex
 
     from .config import load_config, resume_config, to_dict
-    from .engine import load_resumable, make_loader, remove_stale_temporaries, setup_distributed, train_loop
+    from .engine import load_resumable, make_loader, setup_distributed, train_loop
+    from .files import remove_stale_temporaries
     from .tasks import build_datasets, build_eval_loader, build_model, collate_fn, evaluate, init_centroids_from_data, metric_key
 
     # Resuming, the run's config is the checkpoint's (checked below); the overrides are checked against it.
@@ -130,35 +128,86 @@ def cmd_train(args) -> dict:
     return metrics
 
 
+def _test_inputs(args) -> tuple:
+    """``(config or None, checkpoint, overrides)`` of ``dnc test [CONFIG] CHECKPOINT [key=value ...]``."""
+    from .config import ConfigError
+    files = [x for x in args.inputs if "=" not in x]
+    overrides = [x for x in args.inputs if "=" in x] + list(args.overrides)
+    if len(files) not in (1, 2):
+        raise ConfigError(f"dnc test takes [CONFIG] CHECKPOINT, got {len(files)} paths: {' '.join(files)}")
+    return (files[0] if len(files) == 2 else None), files[-1], overrides
+
+
+def _print_details(cfg, result: dict, classes: list) -> None:
+    """Per-class figures (and a small confusion matrix) as a table on stdout."""
+    names = classes or [str(i) for i in range(cfg.data.num_classes)]
+    width = max(len(n) for n in names)
+    fmt = lambda v: "    -" if v is None else f"{v:5.1f}"  # noqa: E731
+    if cfg.task == "segmentation":
+        print(f"{'class':<{width}}   IoU %  Acc %")
+        for n, iou, acc in zip(names, result["IoU"], result["Acc"]):
+            print(f"{n:<{width}}   {fmt(iou)}  {fmt(acc)}")
+        return
+    cm = result["confusion"]
+    print(f"{'class':<{width}}  samples  top-1 %")
+    for n, row, acc in zip(names, cm, result["per_class_accuracy"]):
+        print(f"{n:<{width}}  {sum(row):7d}  {fmt(acc)}")
+    if len(names) <= 20:
+        cell = max(5, max(len(str(v)) for row in cm for v in row) + 1)
+        print("confusion matrix (rows: label, columns: prediction, in the order above)")
+        for n, row in zip(names, cm):
+            print(f"{n:<{width}} " + "".join(f"{v:>{cell}d}" for v in row))
+
+
 def cmd_test(args) -> dict:
     from .config import ConfigError, load_config
     from .engine import load_checkpoint, setup_distributed
-    from .tasks import build_datasets, build_eval_loader, evaluate, load_trained_model
+    from .tasks import build_eval_loader, build_eval_split, check_classes, checkpoint_config, evaluate, load_trained_model
 
     if args.out and Path(args.out).suffix not in (".json", ".pkl"):
         raise ConfigError(f"--out {args.out}: use a .json or .pkl file")
-    cfg = load_config(args.config, tuple(args.overrides))
+    config, checkpoint, overrides = _test_inputs(args)
+    ckpt = load_checkpoint(checkpoint)
+    cfg = load_config(config, tuple(overrides)) if config else checkpoint_config(ckpt, checkpoint, overrides)
     valid = {"classification": {"accuracy"}, "segmentation": {"mIoU"}}[cfg.task]
     for m in args.metrics or []:
         if m not in valid:
             raise ConfigError(f"--metrics {m!r} is not available for {cfg.task}; valid choices: {', '.join(sorted(valid))}")
     info = setup_distributed(cfg.train.device)
     _threads(cfg.train.threads)
-    ckpt = load_checkpoint(args.checkpoint)
-    model = load_trained_model(cfg, ckpt, args.checkpoint)
-    datasets, classes = build_datasets(cfg, ("val",))
-    loader = build_eval_loader(cfg, datasets["val"], info)
-    result = evaluate(cfg, model.to(info.device), loader, info, predictions=bool(args.out))
+    model = load_trained_model(cfg, ckpt, checkpoint)
+    dataset, evaluated = build_eval_split(cfg, args.split)
+    classes = list(getattr(dataset, "classes", []))
+    check_classes(ckpt.get("classes"), classes, checkpoint)
     if info.is_main:
+        print(f"scoring {checkpoint} on {evaluated['source']}: {evaluated['samples']} samples", flush=True)
+    loader = build_eval_loader(cfg, dataset, info)
+    result = evaluate(cfg, model.to(info.device), loader, info, predictions=bool(args.out), details=True,
+                      progress=True)
+    result = {"evaluated": evaluated, **result}
+    if info.is_main:
+        _print_details(cfg, result, classes)
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}), flush=True)
         if args.out:
             out = Path(args.out)
-            payload = {"config": str(args.config), "checkpoint": str(args.checkpoint), "classes": classes, **result}
+            payload = {"config": str(config) if config else None, "checkpoint": str(checkpoint), "classes": classes,
+                       **result}
             if out.suffix == ".pkl":
                 _write_atomic(out, pickle.dumps(payload))
             else:
                 _write_json(out, payload)
     return result
+
+
+def cmd_config(args) -> dict:
+    """Print the resolved config (``_base_`` files merged, overrides applied) as YAML."""
+    from .config import load_config, to_dict
+    data = to_dict(load_config(args.config, tuple(args.overrides)))
+    print(yaml.safe_dump(data, sort_keys=False), end="", flush=True)
+    return data
+
+
+DEMO_TIME = "about 30 s of one CPU core"  # measured (CPU time, one thread); the README says the same
 
 
 def cmd_demo(args) -> dict:
@@ -187,33 +236,49 @@ def cmd_demo(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dnc", description="Deep Nearest Centroids: train, test and explain.")
+    parser = argparse.ArgumentParser(prog="dnc", description="Deep Nearest Centroids: train, test, explain and predict.")
+    parser.add_argument("--version", action="version", version=f"dnc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    overrides_help = "config overrides, e.g. optim.lr=0.05 data.root=/data/mine"
 
     p = sub.add_parser("train", help="train a model from a config")
-    p.add_argument("config")
+    p.add_argument("config", help="YAML config: a file, or a path inside the shipped configs (e.g. demo/digits_dnc.yaml)")
     p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
     p.add_argument("--resume", nargs="?", const="auto",
                    help="continue the run of CKPT (default: WORK_DIR/last.pt) with the config it was started with")
     p.add_argument("--force", action="store_true", help="start over in a work dir that holds a run (replaces its files)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.05")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("test", help="evaluate a checkpoint")
-    p.add_argument("config")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("test", help="evaluate a checkpoint (per-class figures; --out for per-sample predictions)",
+                       usage="dnc test [-h] [--split NAME] [--out FILE] [--metrics M ...] [CONFIG] CHECKPOINT "
+                             "[key=value ...]")
+    p.add_argument("inputs", nargs="+", metavar="[CONFIG] CHECKPOINT",
+                   help="a checkpoint of dnc train or dnc explain, which holds its config; or a config file and a "
+                        "checkpoint. key=value overrides may follow")
+    p.add_argument("--split", default="val", metavar="NAME",
+                   help="split of the data root to score (default val, with data.holdout the held-out training "
+                        "images): test for an image folder's test/ or CIFAR's test batch, CamVid's or Cityscapes' "
+                        "test/val, train")
     p.add_argument("--out", help="write metrics and per-sample predictions (.json or .pkl)")
     p.add_argument("--metrics", nargs="+", help="accuracy (classification) or mIoU (segmentation)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.set_defaults(func=cmd_test)
+    p.set_defaults(func=cmd_test, overrides=[])
 
-    p = sub.add_parser("demo", help="train DNC and linear models on the built-in digits (CPU, about a minute)")
-    p.add_argument("--work-dir", default="work_dirs/demo")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("config", help="print a config as dnc uses it: _base_ files merged, overrides applied")
+    p.add_argument("config", help="YAML config: a file, or a path inside the shipped configs")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    p.set_defaults(func=cmd_config)
+
+    demo = f"train DNC and linear models on the built-in digits and explain the DNC one (CPU, {DEMO_TIME})"
+    p = sub.add_parser("demo", help=demo, description=demo[0].upper() + demo[1:] + ".")
+    p.add_argument("--work-dir", default="work_dirs/demo", help="output folder (default work_dirs/demo)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of both digits configs")
     p.set_defaults(func=cmd_demo)
 
-    from .explain import add_commands
-    add_commands(sub)
+    from .explain import add_command as add_explain
+    from .predict import add_command as add_predict
+    add_explain(sub)
+    add_predict(sub)
     return parser
 
 

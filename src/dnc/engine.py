@@ -8,13 +8,11 @@ schedule, loss scaler, RNG states and the position inside the epoch.
 """
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -29,9 +27,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import Config, to_dict
+from .files import atomic_write, remove_stale_temporaries
 
 __all__ = ["DistInfo", "setup_distributed", "EpochSampler", "SeededDataset", "IndexedCollate", "make_loader",
-           "build_optimizer", "build_scheduler", "save_checkpoint", "load_checkpoint", "load_resumable", "atomic_write",
+           "build_optimizer", "build_scheduler", "save_checkpoint", "load_checkpoint", "load_resumable",
            "remove_stale_temporaries", "ignore_stop_signals", "CheckpointError", "TrainingError", "train_loop",
            "JsonLogger", "unwrap"]
 
@@ -228,56 +227,6 @@ def build_scheduler(optimizer, cfg, total: int, iters_per_epoch: int):
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-_TMP = ".tmp"
-
-
-def atomic_write(path, write: Callable) -> None:
-    """Write ``path`` atomically: ``write(f)`` fills a temporary file of the same folder (named
-    ``.NAME.tmpPID``, created with the usual permissions, e.g. 0644), flushed, then renamed over ``path``.
-    A failure leaves ``path`` as it was and is one ``OSError`` naming it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError):  # torch.save's own writer reports a failed write this way
-            if "write" not in str(e):
-                raise
-            full = shutil.disk_usage(path.parent).free < 2**20
-        else:
-            full = e.errno == errno.ENOSPC
-        if full:
-            raise OSError(errno.ENOSPC, f"no space left while writing {path}") from None
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
-        raise OSError(getattr(e, "errno", None), f"cannot write {path}: {why}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def remove_stale_temporaries(folder) -> list:
-    """Remove the temporary files of :func:`atomic_write` left in ``folder`` by a process that no longer
-    runs (a killed save); returns their paths."""
-    removed = []
-    for p in Path(folder).glob(f".*{_TMP}*"):
-        pid = p.name.rsplit(_TMP, 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # its writer still runs
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write a checkpoint atomically (:func:`atomic_write`)."""
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))

@@ -1,4 +1,4 @@
-"""Explanations: sub-centroids as real training images (``dnc explain`` and ``dnc predict``).
+"""Explanations: sub-centroids as real training images (``dnc explain``).
 
 A DNC classifier scores a class by the cosine of the nearest of its K sub-centroids. After training,
 :func:`anchor_model` replaces every sub-centroid p(c, k) by the embedding of the training sample of
@@ -12,20 +12,19 @@ Pieces, usable on their own:
   nearest training samples *of its own class* (a running top-m merged batch by batch, vectorised
   over all sub-centroids: memory ``O(C*K*(m + B + D))``, whatever the size of the training set),
   the embedding of its nearest one (the anchor), and how many samples it wins;
-* :func:`anchor_model`, :func:`subcentroid_statistics`, :func:`explain_decisions`;
-* :func:`render_gallery`, :func:`render_decision` (Pillow only) and :func:`write_report` (one
-  self-contained HTML page, images beside it, relative links, no script);
-* :func:`run_explain`, :func:`run_predict` and :func:`add_commands`, the command line.
+* :func:`anchor_model`, :func:`subcentroid_statistics`, :func:`explain_decisions`,
+  :func:`pixel_decisions` (segmentation);
+* :func:`run_explain` and :func:`add_command`, the command line. The pictures and the HTML page are
+  drawn by :mod:`dnc.report`; ``dnc predict --explain`` (:mod:`dnc.predict`) reuses the anchors.
 
-``dnc predict --explain`` shows the training images behind a decision. It needs the anchored
-checkpoint written by ``dnc explain`` (``DIR/anchored.pt``), which stores the training-set index of
-every anchor, and the training set of its config, from which those images are read.
+The training images searched are those the model was trained on: the data selection (dataset,
+``holdout``, dataset options) saved in the checkpoint, whatever data overrides choose the evaluation
+set. ``DIR/anchored.pt`` stores the training-set index of every anchor and that selection.
 """
 from __future__ import annotations
 
 import copy
-import html
-import json
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -34,19 +33,18 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Config, from_dict, to_dict
 from .engine import load_checkpoint, save_checkpoint, setup_distributed, unwrap
-from .data.classification import read_rgb
-from .tasks import autocast, build_cls_split, build_datasets, build_eval_loader, evaluate, load_trained_model
+from .files import write_json
+from .report import render_decision, render_gallery, write_report
+from .tasks import (autocast, build_cls_split, build_eval_loader, build_eval_split, cls_transform, evaluate,
+                    load_trained_model, training_subset)
 
 __all__ = ["TopMSearch", "TrainingMatches", "search_training_set", "anchor_model", "subcentroid_statistics",
-           "explain_decisions", "Decisions", "pixel_decisions", "render_gallery", "render_decision",
-           "render_segmentation", "write_report",
-           "run_explain", "run_predict", "add_commands"]
+           "explain_decisions", "Decisions", "pixel_decisions", "training_config", "run_explain", "add_command"]
 
 # ============================================================================ the search and the anchors
 
@@ -249,221 +247,40 @@ def explain_decisions(model: nn.Module, images: torch.Tensor, topk: int = 2) -> 
     return Decisions(classes, probs, which.gather(1, classes), best.gather(1, classes), logits)
 
 
-# ============================================================================ pictures (Pillow only)
-_BG, _INK, _MUTED, _RED, _GREEN = (255, 255, 255), (30, 30, 30), (110, 110, 110), (200, 30, 30), (20, 140, 60)
+@torch.no_grad()
+def pixel_decisions(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]) -> dict:
+    """Per-pixel decisions of a DNC segmenter from one whole-image forward.
 
+    The decoder features entering the pixel head are captured with a forward hook; for every pixel
+    the class scores ``max_k <z, p(c, k)>`` give the logits, upsampled bilinearly to ``out_size``
+    (as in evaluation), and the winning sub-centroid of the predicted class is read at the nearest
+    feature pixel.
 
-def _font(size: int = 12):
+    Returns ``classes``, ``subcentroid`` (int64) and ``similarity`` (float), each ``(B, H, W)``.
+    """
+    net = unwrap(model).eval()
+    head = _head(net)
+    captured = []
+    hook = net.head.register_forward_hook(lambda module, args, output: captured.append(args[0]))
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
-def _to_pil(image) -> Image.Image:
-    """A PIL RGB image from a PIL image or a ``(3, H, W)``/``(H, W)`` tensor (uint8, or float in [0, 1])."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    t = torch.as_tensor(image).detach().cpu()
-    if t.is_floating_point():
-        t = (t.clamp(0, 1) * 255).round()
-    t = t.to(torch.uint8)
-    if t.ndim == 3:
-        t = t.permute(1, 2, 0)
-        if t.shape[2] == 1:
-            t = t.expand(-1, -1, 3)
-    return Image.fromarray(t.contiguous().numpy()).convert("RGB")
-
-
-def _tile(image, size: int) -> Image.Image:
-    """``image`` fitted into a ``size`` x ``size`` tile: images at most half the tile are enlarged by
-    an integer factor with nearest neighbour (8x8 digits stay crisp), others scaled smoothly."""
-    tile = Image.new("RGB", (size, size), (236, 236, 236))
-    if image is None:
-        return tile
-    img = _to_pil(image)
-    w, h = img.size
-    if max(w, h) <= size // 2:
-        f = size // max(w, h)
-        img = img.resize((w * f, h * f), Image.NEAREST)
-    else:
-        img = ImageOps.contain(img, (size, size), Image.LANCZOS)
-    tile.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
-    return tile
-
-
-@dataclass
-class _Cell:
-    image: object = None
-    above: str = ""
-    below: str = ""
-    frame: Optional[tuple] = None
-
-
-def _render(title: str, rows: Sequence[tuple], tile: int, font_size: int = 12) -> Image.Image:
-    """Rows of ``(label_lines, label_colour, cells)``: a label block then image tiles with text above
-    and below each."""
-    font, bold = _font(font_size), _font(font_size + 2)
-    line, pad = font_size + 4, 6
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max([int(probe.textlength(s, font=font)) for lines, _, _ in rows for s in lines] + [0])
-    label_w = label_w + 2 * pad if label_w else 0
-    ncols = max(len(cells) for _, _, cells in rows)
-    cell_w = max([tile] + [int(probe.textlength(t, font=font)) + 4 for _, _, cells in rows for c in cells
-                          for t in (c.above, c.below)])
-    has_above = any(c.above for _, _, cells in rows for c in cells)
-    row_h = tile + line + (line if has_above else 0) + 2 * pad
-    head_h = line + 2 * pad if title else 0
-    width = max(label_w + ncols * (cell_w + pad) + pad, int(probe.textlength(title, font=bold)) + 2 * pad)
-    canvas = Image.new("RGB", (width, head_h + len(rows) * row_h), _BG)
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((pad, pad), title, fill=_INK, font=bold)
-    for r, (lines, colour, cells) in enumerate(rows):
-        y = head_h + r * row_h + pad
-        for i, s in enumerate(lines):
-            draw.text((pad, y + (line if has_above else 0) + i * line), s, fill=colour or _INK, font=font)
-        for j, cell in enumerate(cells):
-            x = label_w + pad + j * (cell_w + pad)
-            if cell.above:
-                draw.text((x + cell_w / 2, y), cell.above, fill=_INK, font=font, anchor="ma")
-            ty = y + (line if has_above else 0)
-            tx = x + (cell_w - tile) // 2
-            canvas.paste(_tile(cell.image, tile), (tx, ty))
-            if cell.frame is not None:
-                draw.rectangle((tx - 2, ty - 2, tx + tile + 1, ty + tile + 1), outline=cell.frame, width=2)
-            draw.text((x + cell_w / 2, ty + tile + 3), cell.below, fill=_MUTED, font=font, anchor="ma")
-    return canvas
-
-
-def render_gallery(class_name: str, exemplars: Sequence[Sequence[tuple]], wins: Sequence[int],
-                   anchor_cosine: Sequence[float], tile: int = 56) -> Image.Image:
-    """One class's gallery: a row per sub-centroid with its nearest training images, best first.
-
-    Args:
-        exemplars: per sub-centroid, ``(image, cosine)`` pairs (image: PIL or uint8 tensor).
-        wins: training samples won by each sub-centroid (0 is flagged "unused").
-        anchor_cosine: cosine of each sub-centroid to its nearest sample (NaN if none).
-    """
-    rows = []
-    for k, (row, w, cos) in enumerate(zip(exemplars, wins, anchor_cosine)):
-        lines = [f"k={k}", f"wins {int(w)}"] + (["UNUSED"] if w == 0 else [])
-        if not row:
-            lines.append("no training sample")
-        cells = [_Cell(img, below=f"{s:.3f}") for img, s in row] or [_Cell(None, below="-")]
-        rows.append((lines, _RED if w == 0 else None, cells))
-    return _render(f"class {class_name}", rows, tile)
-
-
-def render_decision(image, title: str, predicted: tuple, runner_up: Optional[tuple], correct: Optional[bool] = None,
-                    tile: int = 80) -> Image.Image:
-    """A test image beside the training images that decided it.
-
-    ``predicted`` and ``runner_up`` are ``(caption, anchor image or None, cosine)`` for the nearest
-    sub-centroid of the predicted and of the runner-up class. ``correct`` frames the test image green
-    or red (None: no frame).
-    """
-    frame = None if correct is None else (_GREEN if correct else _RED)
-    cells = [_Cell(image, above="test image", below=title, frame=frame)]
-    for role, item in (("predicted", predicted), ("runner-up", runner_up)):
-        if item is not None:
-            caption, img, cos = item
-            cells.append(_Cell(img, above=f"{role}: {caption}", below=f"cos {cos:.3f}"))
-    return _render("", [([], None, cells)], tile)
-
-
-# ============================================================================ the report
-
-
-def _fmt(x, digits: int = 2) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1e1e1e;background:#fafafa}
-h1{font-size:24px;margin:0 0 6px} h2{font-size:19px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
-h3{font-size:16px;margin:16px 0 6px} p.note{color:#555;max-width:1100px;margin:4px 0}
-table{border-collapse:collapse;font-size:13px;background:#fff} td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
-th{background:#f0f0f0} td.l,th.l{text-align:left} tr.bad td{color:#c81e1e}
-.big td{font-size:15px;padding:5px 12px}
-.grid{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
-figure{margin:0;background:#fff;border:1px solid #ddd;padding:6px} figcaption{font-size:12px;color:#444;margin-top:4px}
-img{display:block;image-rendering:pixelated}
-"""
-_BAD = ' class="bad"'
-
-
-def write_report(out_dir: Path, result: dict, galleries: Sequence[str], examples: Sequence[dict]) -> Path:
-    """Write ``out_dir/index.html`` from the ``explain.json`` dict, the gallery files (one per class,
-    relative to ``out_dir``) and the explained predictions (dicts with ``file``, ``caption``, ``correct``)."""
-    e = html.escape
-    classes = result["classes"]
-    acc = result["accuracy"]
-    parts = [f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>DNC explanation: "
-             f"{e(result['config_name'])}</title><style>{_CSS}</style></head><body>",
-             "<h1>Deep Nearest Centroids: sub-centroids as real training images</h1>",
-             f"<p class=\"note\">Config <code>{e(result['config_name'])}</code>, checkpoint "
-             f"<code>{e(result['checkpoint'])}</code>: {len(classes)} classes &times; {result['num_subcentroids']} "
-             f"sub-centroids, {result['num_train']} training and {result['num_eval']} evaluation images. "
-             "Anchoring replaces every sub-centroid by the embedding of the nearest training image of its class; "
-             "the anchored model then classifies a test image by the most similar of these "
-             f"{len(classes) * result['num_subcentroids']} training images.</p>",
-             "<h2>Accuracy</h2><table class=\"big\"><tr><th class=\"l\">model</th><th>top-1 %</th><th>top-5 %</th></tr>"]
-    for name, key in (("original sub-centroids", "before"), ("anchored to training images", "after")):
-        parts.append(f"<tr><td class=\"l\">{name}</td><td>{_fmt(acc[key]['top1'])}</td>"
-                     f"<td>{_fmt(acc[key]['top5'])}</td></tr>")
-    parts.append(f"</table><p class=\"note\">Change {acc['after']['top1'] - acc['before']['top1']:+.2f} points; "
-                 f"the two models agree on {_fmt(acc['agreement'])}% of the evaluation images. "
-                 f"{result['unused']} of {len(classes) * result['num_subcentroids']} sub-centroids win no training "
-                 "image (unused).</p>")
-
-    def decisions(correct: bool) -> None:
-        chosen = [x for x in examples if x["correct"] == correct]
-        total = result["eval_correct" if correct else "eval_wrong"]
-        parts.append(f"<h2>{'Correct decisions' if correct else 'Mistakes'} of the anchored model, explained "
-                     f"({len(chosen)} shown of {total})</h2><p class=\"note\">Each evaluation image beside the "
-                     "training images that decided it: the anchors of the nearest sub-centroid of the predicted class "
-                     "and of the runner-up class, with their cosines to the test image.</p><div class=\"grid\">")
-        parts.extend(f"<figure><img src=\"{e(x['file'])}\" alt=\"{e(x['caption'])}\"><figcaption>{e(x['caption'])}"
-                     "</figcaption></figure>" for x in chosen)
-        parts.append("</div>" if chosen else "<p class=\"note\">none</p></div>")
-
-    decisions(correct=False)
-    parts.append("<h2>Sub-centroids as training images</h2><p class=\"note\">One row per sub-centroid k: its "
-                 f"{result['top_m']} nearest training images of its class, nearest (the anchor) first, with their "
-                 "cosine to the sub-centroid. <i>wins</i>: training images of the class whose nearest sub-centroid "
-                 "it is.</p><div class=\"grid\">")
-    for c, src in enumerate(galleries):
-        pc = result["per_class"][c]
-        parts.append(f"<figure><img src=\"{e(src)}\" alt=\"gallery of class {e(classes[c])}\">"
-                     f"<figcaption>class <b>{e(classes[c])}</b>: top-1 {_fmt(pc['top1_before'])}% &rarr; "
-                     f"{_fmt(pc['top1_after'])}% anchored; diversity {_fmt(pc['diversity'], 3)}</figcaption></figure>")
-    parts.append("</div>")
-    decisions(correct=True)
-
-    parts.append("<h2>Per-class accuracy and diversity</h2><p class=\"note\">Diversity: mean pairwise cosine of "
-                 "a class's sub-centroids (lower is more diverse), original and anchored.</p><table><tr>"
-                 "<th class=\"l\">class</th><th>eval images</th><th>top-1 % original</th><th>top-1 % anchored</th>"
-                 "<th>training images</th><th>unused sub-centroids</th><th>diversity</th><th>anchored diversity</th></tr>")
-    for c, pc in enumerate(result["per_class"]):
-        parts.append(f"<tr{_BAD if pc['unused'] else ''}><td class=\"l\">{e(classes[c])}</td>"
-                     f"<td>{pc['eval_images']}</td><td>{_fmt(pc['top1_before'])}</td><td>{_fmt(pc['top1_after'])}</td>"
-                     f"<td>{pc['train_images']}</td><td>{pc['unused']}</td><td>{_fmt(pc['diversity'], 3)}</td>"
-                     f"<td>{_fmt(pc['anchored_diversity'], 3)}</td></tr>")
-    parts.append("</table>")
-
-    parts.append("<h2>Sub-centroid statistics</h2><table><tr><th class=\"l\">class</th><th>k</th><th>wins</th>"
-                 "<th>share of class %</th><th>anchor cosine</th><th class=\"l\">anchor training image</th>"
-                 "<th class=\"l\">status</th></tr>")
-    for s in result["subcentroids"]:
-        parts.append(f"<tr{_BAD if s['unused'] else ''}><td class=\"l\">{e(classes[s['class']])}</td>"
-                     f"<td>{s['k']}</td><td>{s['wins']}</td><td>{_fmt(100 * s['share'], 1)}</td>"
-                     f"<td>{_fmt(s['anchor_cosine'], 3)}</td><td class=\"l\">{e(str(s['anchor_name']))}</td>"
-                     f"<td class=\"l\">{'unused' if s['unused'] else 'used'}</td></tr>")
-    parts.append("</table></body></html>\n")
-    path = Path(out_dir) / "index.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+        net(images)
+    finally:
+        hook.remove()
+    x = captured[-1]
+    b, d, h, w = x.shape
+    best, which = head.centroids.similarities(head.embed(x.permute(0, 2, 3, 1).reshape(-1, d))).float().max(-1)
+    c = best.shape[1]
+    best, which = (t.view(b, h, w, c).permute(0, 3, 1, 2) for t in (best, which))  # (B, C, h, w)
+    logits = F.interpolate(head.calibrate(best.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), size=tuple(out_size),
+                           mode="bilinear", align_corners=False)
+    classes = logits.argmax(1)
+    H, W = classes.shape[-2:]
+    dev = classes.device
+    rows = (torch.arange(H, device=dev) * h // H)[None, :, None]
+    cols = (torch.arange(W, device=dev) * w // W)[None, None, :]
+    batch = torch.arange(b, device=dev)[:, None, None]
+    return {"classes": classes, "subcentroid": which[batch, classes, rows, cols],
+            "similarity": best[batch, classes, rows, cols]}
 
 
 # ============================================================================ dnc explain
@@ -493,12 +310,24 @@ def _nan_none(x: float) -> Optional[float]:
     return None if math.isnan(x) else round(float(x), 6)
 
 
+def training_config(cfg: Config, ckpt: dict) -> Config:
+    """``cfg`` with the training data of checkpoint ``ckpt``: its saved data selection (dataset,
+    ``holdout``, dataset options, transforms), with the root, loader sizes and checks of ``cfg``. So
+    that anchors are only ever images the model was trained on, whatever data overrides ``cfg`` has
+    (e.g. ``data.holdout=0`` to score a separate test folder). ``cfg`` itself without a saved config."""
+    saved = ckpt.get("config")
+    if not isinstance(saved, dict) or not isinstance(saved.get("data"), dict):
+        return cfg
+    trained = from_dict(Config, {"data": saved["data"]}).data
+    keep = {k: getattr(cfg.data, k) for k in ("root", "batch_size", "eval_batch_size", "num_workers",
+                                               "on_bad_sample", "check_labels")}
+    return dataclasses.replace(cfg, data=dataclasses.replace(trained, **keep))
+
+
 def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, tile: int = 56,
                 progress: bool = True, config_name: str = "") -> dict:
     """``dnc explain``: anchor, evaluate before/after, write ``anchored.pt``, ``explain.json``, the
     galleries and ``index.html`` into ``out_dir``; returns the ``explain.json`` dict."""
-    from .data.transforms import build_cls_transform
-
     _require_dnc(cfg.task, cfg.model.head, checkpoint)
     if examples < 0:
         raise ValueError(f"--examples must be >= 0, got {examples}")
@@ -513,8 +342,9 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
     (out / "galleries").mkdir(parents=True, exist_ok=True)
     (out / "decisions").mkdir(parents=True, exist_ok=True)
 
-    d = cfg.data
-    train = build_cls_split(cfg, "train", build_cls_transform(d.preset, False, d.img_size))
+    train_cfg = training_config(cfg, ckpt)
+    d = train_cfg.data
+    train = training_subset(train_cfg, build_cls_split(train_cfg, "train", cls_transform(train_cfg, False)))
     classes = list(train.classes)
     batch = d.eval_batch_size or d.batch_size
     matches = search_training_set(model, train, top_m, batch, d.num_workers, info.device,
@@ -524,7 +354,7 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
     after_p = _head(anchored).centroids.centroids.detach()
     stats = subcentroid_statistics(before_p, matches, after_p)
 
-    val = build_datasets(cfg, ("val",))[0]["val"]
+    val, evaluated = build_eval_split(cfg, "val")
     loader = build_eval_loader(cfg, val, info)
     before = evaluate(cfg, model, loader, info, predictions=True)
     after = evaluate(cfg, anchored, loader, info, predictions=True)
@@ -533,14 +363,15 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
     ok_a, _ = _per_class(after["predictions"], c)
     agree = sum(a["pred"] == b["pred"] for a, b in zip(after["predictions"], before["predictions"]))
 
-    raw_train = build_cls_split(cfg, "train", None)
+    raw_train = training_subset(train_cfg, build_cls_split(train_cfg, "train", None))
     index, sims = matches.index.cpu(), matches.sims.cpu()
     names = [[_sample_name(raw_train, int(i)) if i >= 0 else None for i in row] for row in index[..., 0].tolist()]
     result = {
         "config_name": config_name or "-", "checkpoint": str(checkpoint), "classes": classes,
         "num_subcentroids": k, "top_m": top_m, "num_train": int(matches.class_counts.sum()), "num_eval": len(val),
-        "accuracy": {"before": {"top1": before["top1"], "top5": before["top5"]},
-                     "after": {"top1": after["top1"], "top5": after["top5"]},
+        "evaluated": evaluated,
+        "accuracy": {"before": {"top1": before["top1"], "top5": before.get("top5")},
+                     "after": {"top1": after["top1"], "top5": after.get("top5")},
                      "agreement": 100.0 * agree / max(len(after["predictions"]), 1)},
         "unused": int(stats["unused"].sum()),
         "eval_correct": sum(r["pred"] == r["label"] for r in after["predictions"]),
@@ -560,10 +391,10 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
     }
 
     save_checkpoint(out / "anchored.pt", {
-        "model": anchored.state_dict(), "config": to_dict(cfg), "classes": classes, "anchored": True,
+        "model": anchored.state_dict(), "config": to_dict(train_cfg), "classes": classes, "anchored": True,
         "anchor_index": index[..., 0].clone(), "anchor_cosine": stats["anchor_cosine"].clone(), "anchor_names": names,
         "source_checkpoint": str(checkpoint),
-        "metrics": {"top1": after["top1"], "top5": after["top5"], "top1_before_anchoring": before["top1"]}})
+        "metrics": {"top1": after["top1"], "top5": after.get("top5"), "top1_before_anchoring": before["top1"]}})
 
     galleries = []
     for ci in range(c):
@@ -576,7 +407,7 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
     shown = _explain_examples(cfg, anchored, after["predictions"], val, raw_train, index[..., 0], classes, examples,
                               out, info.device, tile + 16)
     result["examples"] = shown
-    (out / "explain.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "explain.json", result)
     write_report(out, result, galleries, shown)
     return result
 
@@ -616,238 +447,6 @@ def _explain_examples(cfg, anchored, records, val, raw_train, anchor_index, clas
                       "decided_by": [{k: v for k, v in x.items() if k != "image"} for x in items]})
     return shown
 
-
-# ============================================================================ dnc predict
-
-
-def _load_image(path: str) -> Image.Image:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: image not found")
-    return read_rgb(path)
-
-
-def _predict_transform(cfg):
-    """The evaluation transform of the config; digits models (8x8, no ``img_size``) get 8x8 inputs."""
-    from torchvision.transforms import v2
-    from .data.transforms import build_cls_transform
-    tf = build_cls_transform(cfg.data.preset, False, cfg.data.img_size)
-    if cfg.data.preset == "digits" and cfg.data.img_size is None:
-        return v2.Compose([v2.ToImage(), v2.Resize((8, 8), antialias=True), tf])
-    return tf
-
-
-def _out_name(out: Optional[Path], image: str, taken: set, suffix: str = "explain") -> Path:
-    """``<stem>_<suffix>.png`` in ``out``, or beside ``image`` when ``out`` is None; never twice the same."""
-    folder, stem = (Path(out) if out is not None else Path(image).parent), Path(image).stem
-    name, n = f"{stem}_{suffix}.png", 1
-    while str(folder / name) in taken:
-        n += 1
-        name = f"{stem}_{n}_{suffix}.png"
-    taken.add(str(folder / name))
-    return folder / name
-
-
-def run_predict(checkpoint, images: Sequence[str], explain: bool = False, out_dir=None, topk: int = 5,
-                device: str = "auto", tile: int = 96) -> list:
-    """``dnc predict``: top classes of each image (printed), and with ``explain`` a PNG per image with
-    the training images behind the decision (needs an anchored checkpoint from ``dnc explain``).
-
-    Output files go into ``out_dir``, or beside each image when it is None.
-    Segmentation checkpoints: the pixel share of the top classes, a colour mask ``<stem>_mask.png`` (a
-    palette PNG whose pixel values are the class indices), and with ``explain`` a PNG per image with the
-    class map and the map of the sub-centroid that won each pixel (:func:`pixel_decisions`,
-    one whole-image forward at the config's evaluation scale). Returns one dict per image.
-    """
-
-    ckpt = load_checkpoint(checkpoint)
-    if not isinstance(ckpt.get("config"), dict):
-        raise ValueError(f"{checkpoint}: has no 'config'; write it with dnc train or dnc explain")
-    cfg = from_dict(Config, ckpt["config"])
-    classes = list(ckpt.get("classes") or [str(i) for i in range(cfg.data.num_classes)])
-    dev = setup_distributed(device).device
-    model = load_trained_model(cfg, ckpt, checkpoint).to(dev).eval()
-    out = Path(out_dir) if out_dir else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    pics = [_load_image(p) for p in images]
-    if cfg.task == "segmentation":
-        return _predict_segmentation(cfg, model, images, pics, classes, out, dev, explain, topk)
-    if explain:
-        if cfg.model.head != "dnc":
-            raise ValueError(f"{checkpoint}: --explain needs a DNC model; this checkpoint has a {cfg.model.head} head")
-        if not ckpt.get("anchored"):
-            raise ValueError(f"{checkpoint}: --explain needs an anchored checkpoint: run dnc explain CONFIG "
-                             f"{checkpoint} --out DIR and pass DIR/anchored.pt")
-        anchor_index = ckpt["anchor_index"]
-        raw_train = build_cls_split(cfg, "train", None)
-        used = anchor_index[anchor_index >= 0]
-        if len(used) and int(used.max()) >= len(raw_train):
-            raise ValueError(f"{checkpoint}: anchors index {int(used.max())} but the training set has "
-                             f"{len(raw_train)} images: it changed since dnc explain")
-    tf = _predict_transform(cfg)
-    results, taken = [], set()
-    for path, pic in zip(images, pics):
-        x = tf(pic)[None].to(dev)
-        with torch.no_grad():
-            if cfg.model.head == "dnc":
-                dec = explain_decisions(model, x, topk=max(topk, 2))
-                top_c, top_p = dec.classes[0, :topk], dec.probs[0, :topk]
-            else:
-                top_p, top_c = model(x).float().softmax(1)[0].topk(min(topk, len(classes)))
-        rec = {"image": str(path), "top": [{"class": classes[int(ci)], "index": int(ci), "prob": round(float(p), 6)}
-                                          for ci, p in zip(top_c, top_p)]}
-        line = f"{path}: " + "  ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in rec["top"])
-        if explain:
-            panel = []
-            for t in range(min(2, dec.classes.shape[1])):
-                ci, kk = int(dec.classes[0, t]), int(dec.subcentroid[0, t])
-                i = int(anchor_index[ci, kk])
-                if i >= 0 and int(raw_train.targets[i]) != ci:
-                    raise ValueError(f"{checkpoint}: training image {i} is not of class {classes[ci]}: the training "
-                                     "set changed since dnc explain")
-                panel.append({"class": classes[ci], "subcentroid": kk, "similarity": round(float(dec.similarity[0, t]), 6),
-                              "anchor_index": i, "anchor_name": _sample_name(raw_train, i) if i >= 0 else None,
-                              "image": raw_train[i][0] if i >= 0 else None})
-            cells = [(f"{p['class']} (k={p['subcentroid']})", p["image"], p["similarity"]) for p in panel]
-            img = render_decision(pic, Path(path).name, cells[0], cells[1] if len(cells) > 1 else None, None, tile)
-            file = _out_name(out, path, taken)
-            img.save(file)
-            rec["decided_by"] = [{k: v for k, v in p.items() if k != "image"} for p in panel]
-            rec["explanation"] = str(file)
-            p0 = panel[0]
-            line += (f"\n  decided by sub-centroid {p0['subcentroid']} of {p0['class']} (training image "
-                     f"{p0['anchor_name']}, cos {p0['similarity']:.3f})")
-            if len(panel) > 1:
-                p1 = panel[1]
-                line += (f" over sub-centroid {p1['subcentroid']} of {p1['class']} (training image {p1['anchor_name']}, "
-                         f"cos {p1['similarity']:.3f}) -> {file}")
-        print(line, flush=True)
-        results.append(rec)
-    return results
-
-
-@torch.no_grad()
-def pixel_decisions(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]) -> dict:
-    """Per-pixel decisions of a DNC segmenter from one whole-image forward.
-
-    The decoder features entering the pixel head are captured with a forward hook; for every pixel
-    the class scores ``max_k <z, p(c, k)>`` give the logits, upsampled bilinearly to ``out_size``
-    (as in evaluation), and the winning sub-centroid of the predicted class is read at the nearest
-    feature pixel.
-
-    Returns ``classes``, ``subcentroid`` (int64) and ``similarity`` (float), each ``(B, H, W)``.
-    """
-    net = unwrap(model).eval()
-    head = _head(net)
-    captured = []
-    hook = net.head.register_forward_hook(lambda module, args, output: captured.append(args[0]))
-    try:
-        net(images)
-    finally:
-        hook.remove()
-    x = captured[-1]
-    b, d, h, w = x.shape
-    best, which = head.centroids.similarities(head.embed(x.permute(0, 2, 3, 1).reshape(-1, d))).float().max(-1)
-    c = best.shape[1]
-    best, which = (t.view(b, h, w, c).permute(0, 3, 1, 2) for t in (best, which))  # (B, C, h, w)
-    logits = F.interpolate(head.calibrate(best.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), size=tuple(out_size),
-                           mode="bilinear", align_corners=False)
-    classes = logits.argmax(1)
-    H, W = classes.shape[-2:]
-    dev = classes.device
-    rows = (torch.arange(H, device=dev) * h // H)[None, :, None]
-    cols = (torch.arange(W, device=dev) * w // W)[None, None, :]
-    batch = torch.arange(b, device=dev)[:, None, None]
-    return {"classes": classes, "subcentroid": which[batch, classes, rows, cols],
-            "similarity": best[batch, classes, rows, cols]}
-
-
-def _palette(n: int) -> torch.Tensor:
-    """``(n, 3)`` uint8 distinct colours (the PASCAL VOC bit-interleaving colour map, without black)."""
-    i = torch.arange(1, n + 1)
-    rgb = torch.zeros(n, 3, dtype=torch.long)
-    for bit in range(8):
-        for ch in range(3):
-            rgb[:, ch] |= ((i >> (3 * bit + ch)) & 1) << (7 - bit)
-    return rgb.to(torch.uint8)
-
-
-def render_segmentation(image: Image.Image, classes: torch.Tensor, subcentroid: torch.Tensor, names: Sequence[str],
-                        k: int, width: int = 384) -> Image.Image:
-    """Image | class map | sub-centroid map (class colour, darker for lower k), with a legend of
-    the classes present (pixel share, most used sub-centroids)."""
-    pal = _palette(len(names))
-    cls, sub = classes.cpu(), subcentroid.cpu()
-    class_rgb = pal[cls]
-    shade = 0.35 + 0.65 * (sub.float() + 1) / k
-    sub_rgb = (pal[cls].float() * shade[..., None]).round().to(torch.uint8)
-    base = image.convert("RGB")
-    panels = [base, Image.blend(base, _to_pil(class_rgb.permute(2, 0, 1)), 0.6), _to_pil(sub_rgb.permute(2, 0, 1))]
-    panels = [ImageOps.contain(p, (width, width * 4), Image.LANCZOS if j == 0 else Image.NEAREST)
-              for j, p in enumerate(panels)]
-    font, line, pad = _font(12), 16, 6
-    counts = torch.bincount(cls.flatten(), minlength=len(names))
-    present = counts.argsort(descending=True)[: int((counts > 0).sum())].tolist()
-    legend = []
-    for ci in present:
-        ks = torch.bincount(sub[cls == ci], minlength=k)
-        top = ", ".join(f"k={j} {100 * ks[j] / ks.sum():.1f}%" for j in ks.argsort(descending=True)[:3].tolist() if ks[j])
-        legend.append((ci, f"{names[ci]}: {100 * counts[ci] / cls.numel():.1f}% of pixels; sub-centroids {top}"))
-    ph = panels[0].height
-    canvas = Image.new("RGB", (3 * width + 4 * pad, line + ph + 3 * pad + line * (len(legend) + 1)), _BG)
-    draw = ImageDraw.Draw(canvas)
-    for j, (p, title) in enumerate(zip(panels, ("image", "predicted classes", "winning sub-centroid (darker: lower k)"))):
-        x = pad + j * (width + pad)
-        draw.text((x, pad), title, fill=_INK, font=font)
-        canvas.paste(p, (x, line + pad))
-    y = line + ph + 2 * pad
-    for ci, text in legend:
-        draw.rectangle((pad, y + 2, pad + 12, y + 13), fill=tuple(pal[ci].tolist()), outline=_MUTED)
-        draw.text((pad + 18, y), text, fill=_INK, font=font)
-        y += line
-    return canvas
-
-
-def _predict_segmentation(cfg, model, paths, pics, classes, out: Path, device, explain: bool, topk: int) -> list:
-    """``dnc predict`` for a segmenter: pixel shares of the top classes, and with ``explain`` a PNG
-    with the class map and the map of the sub-centroid that won each pixel."""
-    from .data.seg_transforms import build_seg_transforms
-    d = cfg.data
-    if explain and cfg.model.head != "dnc":
-        raise ValueError(f"--explain needs a DNC segmenter; this checkpoint has a {cfg.model.head} head")
-    tf = build_seg_transforms(False, scale=tuple(d.scale) if d.scale else None)
-    palette = _palette(len(classes)).flatten().tolist()
-    results, taken = [], set()
-    for path, pic in zip(paths, pics):
-        x, _ = tf(pic, torch.zeros(pic.height, pic.width, dtype=torch.uint8))
-        x = x[None].to(device)
-        size = (pic.height, pic.width)
-        if cfg.model.head == "dnc":
-            dec = pixel_decisions(model, x, size)
-            pred = dec["classes"][0]
-        else:
-            with torch.no_grad():
-                pred = F.interpolate(model(x).float(), size=size, mode="bilinear", align_corners=False).argmax(1)[0]
-        share = torch.bincount(pred.flatten().cpu(), minlength=len(classes)).float() / pred.numel()
-        top = share.argsort(descending=True)[:topk]
-        rec = {"image": str(path), "top": [{"class": classes[int(ci)], "index": int(ci),
-                                            "pixels": round(float(share[ci]), 6)} for ci in top if share[ci] > 0]}
-        line = f"{path}: " + "  ".join(f"{t['class']} {100 * t['pixels']:.1f}%" for t in rec["top"])
-        mask = Image.fromarray(pred.cpu().to(torch.uint8).numpy())  # "L"; the palette makes it "P"
-        mask.putpalette(palette)
-        rec["mask"] = str(_out_name(out, path, taken, "mask"))
-        mask.save(rec["mask"])
-        line += f"\n  colour mask -> {rec['mask']}"
-        if explain:
-            file = _out_name(out, path, taken)
-            render_segmentation(pic, pred, dec["subcentroid"][0], classes, cfg.model.dnc.num_subcentroids).save(file)
-            rec["explanation"] = str(file)
-            line += f"\n  class and sub-centroid maps -> {file}"
-        print(line, flush=True)
-        results.append(rec)
-    return results
-
-
 # ============================================================================ command line
 
 
@@ -857,39 +456,24 @@ def _cmd_explain(args) -> dict:
     result = run_explain(cfg, args.checkpoint, args.out_dir, args.top_m, args.examples, progress=True,
                          config_name=str(args.config))
     acc = result["accuracy"]
-    print(f"top-1 original {acc['before']['top1']:.2f}%, anchored {acc['after']['top1']:.2f}% "
+    print(f"scored {result['evaluated']['source']}: {result['num_eval']} samples; "
+          f"top-1 original {acc['before']['top1']:.2f}%, anchored {acc['after']['top1']:.2f}% "
           f"({acc['after']['top1'] - acc['before']['top1']:+.2f}); unused sub-centroids {result['unused']}; "
           f"report {Path(args.out_dir) / 'index.html'}", flush=True)
     return result
 
 
-def _cmd_predict(args) -> list:
-    if args.topk < 1:
-        raise ValueError(f"--topk must be >= 1, got {args.topk}")
-    return run_predict(args.checkpoint, args.images, args.explain, args.out_dir, args.topk, args.device)
-
-
-def add_commands(subparsers) -> None:
-    """Register ``dnc explain`` and ``dnc predict`` on an ``argparse`` sub-parsers object."""
+def add_command(subparsers) -> None:
+    """Register ``dnc explain`` on an ``argparse`` sub-parsers object."""
     p = subparsers.add_parser("explain", help="anchor sub-centroids to training images; galleries and an HTML report")
-    p.add_argument("config")
-    p.add_argument("checkpoint")
+    p.add_argument("config", help="the config the checkpoint was trained with (YAML file)")
+    p.add_argument("checkpoint", help="a DNC classification checkpoint of dnc train (e.g. WORK_DIR/best.pt)")
     p.add_argument("--out", dest="out_dir", required=True, metavar="DIR",
                    help="output folder: anchored.pt, explain.json, index.html, galleries/, decisions/")
     p.add_argument("--top-m", type=int, default=5, metavar="M",
                    help="nearest training images kept per sub-centroid (default 5)")
     p.add_argument("--examples", type=int, default=24, metavar="N",
                    help="correct and wrong evaluation predictions shown in the report, each (default 24)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides; data overrides choose the evaluation set, not the training images")
     p.set_defaults(func=_cmd_explain)
-
-    p = subparsers.add_parser("predict", help="classify images with a checkpoint (and show the deciding exemplars)")
-    p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--explain", action="store_true",
-                   help="write a PNG per image with the deciding training images (needs DIR/anchored.pt of dnc explain)")
-    p.add_argument("--out", dest="out_dir", default=None, metavar="DIR",
-                   help="folder of the PNGs (default: beside each input image)")
-    p.add_argument("--topk", type=int, default=5, metavar="K", help="classes printed per image (default 5)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.set_defaults(func=_cmd_predict)

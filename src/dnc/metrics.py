@@ -1,6 +1,6 @@
-"""Evaluation metrics: top-k accuracy and MMSegmentation-style mIoU, both DDP-aware.
+"""Evaluation metrics: top-k accuracy, a confusion matrix and MMSegmentation-style mIoU, DDP-aware.
 
-Both accumulate integer counts on ``device`` without host synchronisation in ``update``, and sum
+All accumulate integer counts on ``device`` without host synchronisation in ``update``, and sum
 them over processes with ``torch.distributed.all_reduce`` in ``compute`` when a process group is
 initialised (each sample must be evaluated by exactly one process); ``compute`` is then a
 collective call that every process must make. ``compute`` does not modify the state, so it may be
@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-__all__ = ["Accuracy", "SegMetric"]
+__all__ = ["Accuracy", "ConfusionMatrix", "SegMetric"]
 
 
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,50 @@ class Accuracy:
         return {f"top{k}": v for k, v in zip(self.topk, values)}
 
 
-class SegMetric:
+class ConfusionMatrix:
+    """``confusion[label, pred]``: a C x C count matrix over integer predictions and labels of any
+    (equal) shape; labels equal to ``ignore_index`` are skipped. ``compute()`` returns it summed over
+    processes, int64 on the CPU."""
+
+    def __init__(self, num_classes: int, ignore_index: Optional[int] = None, device: Union[str, torch.device] = "cpu"):
+        self.num_classes = int(num_classes)
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+        self.ignore_index = ignore_index
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=self.device)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        if pred.shape != target.shape:
+            raise ValueError(f"{type(self).__name__}.update: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
+                             f"must have the same shape")
+        c = self.num_classes
+        pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+        labelled = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        bad = labelled & ((target < 0) | (target >= c) | (pred < 0) | (pred >= c))
+        if bad.any():  # one host sync per update; evaluation is not the hot path
+            t, p = target[bad], pred[bad]
+            raise ValueError(f"{type(self).__name__}.update: label(s) {sorted(set(t.tolist()))[:10]} / prediction(s) "
+                             f"{sorted(set(p.tolist()))[:10]} outside 0..{c - 1} (ignore index {self.ignore_index})")
+        index = target[labelled] * c + pred[labelled]
+        self.confusion += torch.bincount(index, minlength=c * c).view(c, c).to(self.device)
+
+    def compute(self) -> torch.Tensor:
+        return _all_reduce_sum(self.confusion).cpu()
+
+    @staticmethod
+    def recall(confusion: torch.Tensor) -> List[Optional[float]]:
+        """Per class, correct / labelled in percent (the per-class accuracy); None where never labelled."""
+        cm = confusion.double()
+        acc = 100.0 * cm.diagonal() / cm.sum(dim=1)
+        return [None if v != v else v for v in acc.tolist()]
+
+
+class SegMetric(ConfusionMatrix):
     """Semantic-segmentation metrics from a dataset-level confusion matrix (MMSeg semantics).
 
     ``update(pred (N, H, W), target (N, H, W))`` adds to a C x C matrix ``confusion[label, pred]``
@@ -78,34 +121,10 @@ class SegMetric:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device: Union[str, torch.device] = "cpu"):
-        self.num_classes = int(num_classes)
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
-        self.ignore_index = ignore_index
-        self.device = torch.device(device)
-        self.reset()
-
-    def reset(self) -> None:
-        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=self.device)
-
-    @torch.no_grad()
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        if pred.shape != target.shape:
-            raise ValueError(f"SegMetric.update: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
-                             f"must have the same shape")
-        c = self.num_classes
-        pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
-        labelled = target != self.ignore_index
-        bad = labelled & ((target < 0) | (target >= c) | (pred < 0) | (pred >= c))
-        if bad.any():  # one host sync per update; evaluation is not the hot path
-            t, p = target[bad], pred[bad]
-            raise ValueError(f"SegMetric.update: label(s) {sorted(set(t.tolist()))[:10]} / prediction(s) "
-                             f"{sorted(set(p.tolist()))[:10]} outside 0..{c - 1} (ignore index {self.ignore_index})")
-        index = target[labelled] * c + pred[labelled]
-        self.confusion += torch.bincount(index, minlength=c * c).view(c, c).to(self.device)
+        super().__init__(num_classes, ignore_index, device)
 
     def compute(self) -> Dict[str, Union[float, List[Optional[float]]]]:
-        cm = _all_reduce_sum(self.confusion).double().cpu()
+        cm = super().compute().double()
         intersect = cm.diagonal()
         area_label, area_pred = cm.sum(dim=1), cm.sum(dim=0)
         union = area_label + area_pred - intersect
