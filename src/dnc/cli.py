@@ -104,7 +104,12 @@ def cmd_test(args) -> dict:
     model = load_trained_model(cfg, ckpt, args.checkpoint)
     datasets, classes = build_datasets(cfg, ("val",))
     loader = build_eval_loader(cfg, datasets["val"], info)
+    if args.ood:
+        from .ood import ood_report
+        ood = ood_report(cfg, model.to(info.device), loader, args.ood, info.device)
     result = evaluate(cfg, model.to(info.device), loader, info, predictions=bool(args.out))
+    if args.ood:
+        result["ood"] = ood
     if info.is_main:
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}), flush=True)
         if args.out:
@@ -158,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", help="write metrics and per-sample predictions (.json or .pkl)")
     p.add_argument("--metrics", nargs="+", help="accuracy (classification) or mIoU (segmentation)")
+    p.add_argument("--ood", action="append", metavar="DIR", help="images of no known class: AUROC, FPR95, threshold")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_test)
 
@@ -168,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .explain import add_commands
     add_commands(sub)
+    from . import export, extend, ood
+    ood.add_commands(sub)
+    extend.add_commands(sub)
+    export.add_commands(sub)
     return parser
 
 

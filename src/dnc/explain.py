@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from .config import Config, from_dict, to_dict
 from .engine import load_checkpoint, save_checkpoint, setup_distributed, unwrap
 from .data.classification import read_rgb
+from .ood import apply_threshold, image_scores, pixel_scores, save_score_map, verdict_text
 from .tasks import autocast, build_cls_split, build_datasets, build_eval_loader, evaluate, load_trained_model
 
 __all__ = ["TopMSearch", "TrainingMatches", "search_training_set", "anchor_model", "subcentroid_statistics",
@@ -697,6 +698,9 @@ def run_predict(checkpoint, images: Sequence[str], explain: bool = False, out_di
         rec = {"image": str(path), "top": [{"class": classes[int(ci)], "index": int(ci), "prob": round(float(p), 6)}
                                           for ci, p in zip(top_c, top_p)]}
         line = f"{path}: " + "  ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in rec["top"])
+        if ckpt.get("ood"):  # a checkpoint of dnc calibrate: below the threshold, no known class
+            rec["ood"] = apply_threshold(image_scores(model, x)[1], ckpt)[0]
+            line = f"{path}: {verdict_text(rec['ood'])}; " + line[len(f"{path}: "):]
         if explain:
             panel = []
             for t in range(min(2, dec.classes.shape[1])):
@@ -838,6 +842,9 @@ def _predict_segmentation(cfg, model, paths, pics, classes, out: Path, device, e
         rec["mask"] = str(_out_name(out, path, taken, "mask"))
         mask.save(rec["mask"])
         line += f"\n  colour mask -> {rec['mask']}"
+        rec["score_map"] = str(_out_name(out, path, taken, "score"))
+        save_score_map(pixel_scores(model, x, size)[0], rec["score_map"])
+        line += f"\n  per-pixel score map (known-class evidence, white = high) -> {rec['score_map']}"
         if explain:
             file = _out_name(out, path, taken)
             render_segmentation(pic, pred, dec["subcentroid"][0], classes, cfg.model.dnc.num_subcentroids).save(file)
