@@ -17,7 +17,9 @@ images of each class held out). Steps, with the real commands:
    old classes' training images and the same n images of each new class;
 4. with ``--early-iters N``: the same addition on a DNC model trained only N iterations (an
    under-trained embedding), which shows the collapse of the old classes and the cosines behind it
-   (``dnc extend --val`` prints them: old images' mean cosine to their own class and to the new ones).
+   (``dnc extend --val`` prints them: old images' mean cosine to their own class and to the new ones);
+5. with ``--refit``: the same additions with ``dnc extend --refit-old`` (old classes re-fitted on the
+   current embedding too), on the trained and on the under-trained model.
 
 Writes ``DIR/class_addition.json`` and prints a Markdown table.
 """
@@ -48,10 +50,11 @@ def old_new_accuracy(result_file: Path, num_old: int) -> dict:
     return out
 
 
-def extend_and_test(config, ckpt, out_dir: Path, new: list, shot_dir: Path, over: list, all_root: Path, log: Path) -> dict:
+def extend_and_test(config, ckpt, out_dir: Path, new: list, shot_dir: Path, over: list, all_root: Path, log: Path,
+                    refit: bool = False) -> dict:
     out = out_dir / "extended.pt"
     text = run_dnc("extend", config, ckpt, *[a for n in new for a in ("--add", f"{n}={shot_dir / n}")], "--val",
-                   "--out", out, *over, log=log)
+                   *(["--refit-old"] if refit else []), "--out", out, *over, log=log)
     m = _EXTEND_LINE.search(text)
     diag = dict(zip(("old_top1_before", "old_top1_after", "old_taken_by_new", "cos_own", "cos_new"),
                     map(float, m.groups()))) if m else {}
@@ -125,6 +128,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--per-class", type=int, default=0, help="training images per class (0: all)")
     ap.add_argument("--val-per-class", type=int, default=500)
     ap.add_argument("--early-iters", type=int, default=0, help="also add to a DNC model trained only this many iterations")
+    ap.add_argument("--refit", action="store_true", help="also add with dnc extend --refit-old")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_intermixed_args(argv)
@@ -173,8 +177,10 @@ def main(argv=None) -> dict:
     for s, (k, shot_dir) in shots.items():
         row = {"shots": s, "images_per_new_class": k}
         for name in [m for m in models if m != "linear"]:
-            row[name] = extend_and_test(args.config, models[name][1] / "last.pt", work / f"{name}_add_{s}", new,
-                                        shot_dir, over, data / "all", log)
+            for refit in (False, True) if args.refit else (False,):
+                key = name + ("_refit" if refit else "")
+                row[key] = extend_and_test(args.config, models[name][1] / "last.pt", work / f"{key}_add_{s}", new,
+                                           shot_dir, over, data / "all", log, refit)
         row["linear_probe"] = linear_probe(args.linear_config, models["linear"][1] / "last.pt", over, data / "base",
                                            shot_dir, data / "all" / "val", old, new, args.device)
         rows.append(row)
@@ -183,7 +189,7 @@ def main(argv=None) -> dict:
                "config": args.config, "linear_config": args.linear_config, "overrides": args.overrides}
     (work / "class_addition.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    heads = [m for m in models if m != "linear"] + ["linear_probe"]
+    heads = [k for k in rows[0] if k not in ("shots", "images_per_new_class", "linear_probe")] + ["linear_probe"]
     print(f"\nold: {', '.join(old)} (8-way top-1 before: " + ", ".join(f"{k} {v:.2f}%" for k, v in base.items())
           + f"); new: {', '.join(new)}")
     print("| images per new class | " + " | ".join(f"{h} old / new / all %" for h in heads) + " |")

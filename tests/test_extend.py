@@ -141,3 +141,28 @@ def test_layernorm_calibration_and_memory_follow_the_classes(tmp_path):
     torch.testing.assert_close(new["model"]["head.mask_norm.weight"], torch.tensor([1.0, 3.0, 2.0]))  # new: the mean
     assert (new["model"]["head.centroids.memory_y"] == -1).all()       # the memory held old class indices
     assert "optimizer" not in new
+
+
+def test_refit_old_places_old_classes_on_the_current_embedding(setup, tmp_path, capsys):
+    root, ckpt = setup
+    out = tmp_path / "refit.pt"
+    capsys.readouterr()
+    assert main(["extend", DNC_CFG, str(ckpt), "--add", f"6={root / 'new' / '6'}", "--refit-old", "--val",
+                 "--out", str(out), *overrides(root)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("old classes"))
+    before, after = (float(v) for v in line.split("top-1 ")[1].split("% after")[0].split("% before, "))
+    old, new = load_checkpoint(ckpt), load_checkpoint(out)
+    assert not torch.equal(new["model"][KEY][:6], old["model"][KEY])
+    assert new["extended"]["refit_old"] is True
+    # every old class's training images are closer to their own re-fitted sub-centroids than before
+    from dnc.extend import _training_embeddings
+    cfg = load_config(DNC_CFG, tuple(overrides(root)))
+    model = build_model(cfg, pretrained="")
+    model.load_state_dict(old["model"])
+    z, y = _training_embeddings(cfg, model.eval(), torch.device("cpu"))
+
+    def own(p):
+        return torch.einsum("nd,nkd->nk", z, p[y]).amax(1).mean()
+
+    assert own(new["model"][KEY][:6]) > own(old["model"][KEY])
+    assert after > before - 10

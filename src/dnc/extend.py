@@ -3,7 +3,7 @@
 A DNC classifier has no class weights: a class is K sub-centroids on the unit sphere. Adding a class
 embeds its images with the frozen network (evaluation transform) and clusters them (k-means++ then
 spherical k-means, the same as ``model.dnc.init=kmeans++``); removing one drops its sub-centroids.
-Every other class keeps its sub-centroids bit for bit, and the backbone is untouched.
+Every other class keeps its sub-centroids bit for bit (unless ``--refit-old``), and the backbone is untouched.
 
 Fewer distinct images than K. k-means then returns the same point several times, and a duplicate
 sub-centroid never wins a sample (``argmax`` takes the first of equal scores): it is dead weight
@@ -21,7 +21,10 @@ crowd around one direction, a new class's sub-centroids lie close to that global
 images of the old classes too. ``--val`` measures it: the accuracy of the old classes on the
 config's validation split before and after, the share of them taken by the new classes, and the mean
 cosine of those images to their own class and to the new classes; a drop of more than
-``WARN_DROP`` points prints a warning (continue training from the extended checkpoint then).
+``WARN_DROP`` points prints a warning. ``--refit-old`` prevents it at the price of touching the old
+classes: their sub-centroids are re-fitted (k-means++ and spherical k-means) on the current embeddings
+of the config's training split, so that old and new classes are placed by the same rule on the same
+embedding; otherwise, continue training from the extended checkpoint.
 
 The written checkpoint has the new class list, ``data.num_classes`` in its config (and for an image
 folder, ``data.dataset_kwargs.classes``, which fixes the label order), the head's buffers and per-class
@@ -96,13 +99,15 @@ def _head_prefix(model: nn.Module) -> tuple:
 
 
 def extend_model(cfg, model: nn.Module, classes: Sequence[str], added: dict, removed: Sequence[str],
-                 seed: int = 0) -> tuple:
+                 seed: int = 0, refit: Optional[tuple] = None) -> tuple:
     """The extended model: ``(cfg2, model2, classes2)``.
 
     ``added``: ``{name: (N, D) unit embeddings}`` of each new class (appended in that order);
     ``removed``: names of classes to drop. Kept classes keep their sub-centroids exactly; every other
     per-class tensor of the head is indexed the same way (a new class gets the mean of the kept
     classes' values: e.g. the LayerNorm calibration's affine); the memory is cleared.
+    ``refit``: ``(z (N, D), labels (N,))`` embeddings of the old classes' training images: their
+    sub-centroids are then re-fitted on the current embedding as well (``--refit-old``).
     """
     from .config import from_dict, to_dict
     from .tasks import build_model
@@ -124,6 +129,9 @@ def extend_model(cfg, model: nn.Module, classes: Sequence[str], added: dict, rem
     sub = head.centroids
     c_old, k = sub.centroids.shape[:2]
     p_old = sub.centroids.detach()
+    if refit is not None:
+        p_old = fit_subcentroids(refit[0].to(p_old), refit[1].to(p_old.device), c_old, k,
+                                 generator=torch.Generator().manual_seed(seed + 1))
     if added:
         z = torch.cat([added[n] for n in added]).to(p_old)
         groups = torch.cat([torch.full((len(added[n]),), i, dtype=torch.long) for i, n in enumerate(added)]).to(z.device)
@@ -177,7 +185,7 @@ def _old_class_check(cfg, model, model2, classes, classes2, added, device) -> di
     if not n:
         return {}
     first_new = len(classes2) - len(added)
-    z = _val_embeddings(cfg, model2, loader, device)[kept]
+    z = _embed_loader(cfg, model2, loader, device)[0][kept]
     sims = model2.head_module().centroids.similarities(z).float().amax(-1)  # (N, C2)
     own = sims.gather(1, new_label[kept][:, None].to(sims.device)).squeeze(1)
     out = {"images": n,
@@ -191,14 +199,26 @@ def _old_class_check(cfg, model, model2, classes, classes2, added, device) -> di
 
 
 @torch.no_grad()
-def _val_embeddings(cfg, model, loader, device) -> torch.Tensor:
+def _embed_loader(cfg, model, loader, device) -> tuple:
+    """Unit embeddings and labels of a classification loader."""
     from .tasks import autocast
-    out = []
+    zs, ys = [], []
     for images, targets, _ in loader:
         if len(targets):
             with autocast(cfg, device):
-                out.append(model.embeddings(images.to(device))[0].float())
-    return torch.cat(out)
+                zs.append(model.embeddings(images.to(device))[0].float())
+            ys.append(targets.to(device))
+    return torch.cat(zs), torch.cat(ys)
+
+
+def _training_embeddings(cfg, model, device) -> tuple:
+    """Embeddings of the config's training split (evaluation transform) for ``--refit-old``."""
+    from .data.transforms import build_cls_transform
+    from .engine import DistInfo
+    from .tasks import build_cls_split, build_eval_loader
+    d = cfg.data
+    train = build_cls_split(cfg, "train", build_cls_transform(d.preset, False, d.img_size))
+    return _embed_loader(cfg, model, build_eval_loader(cfg, train, DistInfo(0, 1, device)), device)
 
 
 def _parse_add(items: Sequence[str]) -> dict:
@@ -214,7 +234,7 @@ def _parse_add(items: Sequence[str]) -> dict:
 
 
 def run_extend(cfg, checkpoint, add: Sequence[str], remove: Sequence[str], out, val: bool = False,
-               device: str = "auto") -> dict:
+               device: str = "auto", refit_old: bool = False) -> dict:
     """``dnc extend``: writes ``out`` (checkpoint) and ``out`` with suffix ``.yaml`` (its config);
     returns a summary (classes, images per added class, and with ``val`` the old-class check)."""
     from .config import to_dict
@@ -242,7 +262,8 @@ def run_extend(cfg, checkpoint, add: Sequence[str], remove: Sequence[str], out, 
     if len(classes) != cfg.data.num_classes:
         raise ValueError(f"{checkpoint}: {len(classes)} class names but data.num_classes={cfg.data.num_classes}")
     added = {name: embed_files(cfg, model, fs, info.device) for name, fs in files.items()}
-    cfg2, model2, classes2 = extend_model(cfg, model, classes, added, list(remove or []), cfg.train.seed)
+    refit = _training_embeddings(cfg, model, info.device) if refit_old else None
+    cfg2, model2, classes2 = extend_model(cfg, model, classes, added, list(remove or []), cfg.train.seed, refit)
 
     state = {k: v for k, v in ckpt.items() if k not in ("format", "per_process", "ood", "anchored", "anchor_index",
                                                         "anchor_cosine", "anchor_names")}
@@ -252,7 +273,7 @@ def run_extend(cfg, checkpoint, add: Sequence[str], remove: Sequence[str], out, 
             state.pop(key, None)
     state.update(model=model2.state_dict(), config=to_dict(cfg2), classes=classes2, world=1, metrics={},
                  extended={"source_checkpoint": str(checkpoint), "added": {n: len(f) for n, f in files.items()},
-                           "removed": list(remove or [])})
+                           "removed": list(remove or []), "refit_old": refit_old})
     summary = {"classes": classes2, "added": {n: len(f) for n, f in files.items()}, "removed": list(remove or []),
                "resumable": not reshaped}
     if val:
@@ -269,7 +290,7 @@ def run_extend(cfg, checkpoint, add: Sequence[str], remove: Sequence[str], out, 
 def _cmd_extend(args) -> dict:
     from .config import load_config
     cfg = load_config(args.config, tuple(args.overrides))
-    s = run_extend(cfg, args.checkpoint, args.add, args.remove, args.out, args.val, args.device)
+    s = run_extend(cfg, args.checkpoint, args.add, args.remove, args.out, args.val, args.device, args.refit_old)
     added = ", ".join(f"{n} ({c} images)" for n, c in s["added"].items()) or "none"
     print(f"{len(s['classes'])} classes; added {added}; removed {', '.join(s['removed']) or 'none'} -> {args.out} "
           f"(config {s['config']}; its data.root must hold every class to test or train on it)", flush=True)
@@ -282,8 +303,9 @@ def _cmd_extend(args) -> dict:
         drop = v["top1_before"] - v["top1_after"]
         if drop > WARN_DROP:
             print(f"dnc: warning: adding classes costs the old classes {drop:.1f} points: their images lie closer to "
-                  "the new sub-centroids than to their own (an under-trained embedding?); continue training: "
-                  f"dnc train {s['config']} --resume {args.out} train.iters=...", file=sys.stderr, flush=True)
+                  "the new sub-centroids than to their own (stale sub-centroids of an under-trained embedding?); "
+                  f"re-fit them with --refit-old, or continue training: dnc train {s['config']} --resume {args.out} "
+                  "train.iters=...", file=sys.stderr, flush=True)
     return s
 
 
@@ -298,6 +320,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="CKPT2", help="the extended checkpoint (.pt); its config goes to CKPT2.yaml")
     p.add_argument("--val", action="store_true",
                    help="print the old classes' validation accuracy before and after (the config's val split)")
+    p.add_argument("--refit-old", action="store_true",
+                   help="also re-fit the old classes' sub-centroids on the current embeddings of the config's "
+                        "training split (prevents the collapse of stale old classes; changes them)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_extend)
