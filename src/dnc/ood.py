@@ -241,7 +241,8 @@ def calibrate(cfg, checkpoint, out, tpr: float = 0.95, score: Optional[str] = No
     if kind not in SCORES[cfg.model.head]:
         raise ValueError(f"--score {kind!r} is not available for a {cfg.model.head} head; "
                          f"choose one of {', '.join(SCORES[cfg.model.head])}")
-    threshold_at_tpr(torch.zeros(1), tpr)  # checks tpr before any work
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"--tpr must be in (0, 1], got {tpr}")
     if Path(out).resolve() == Path(checkpoint).resolve():
         raise ValueError(f"--out {out}: write the calibrated checkpoint to a new file, not over {checkpoint}")
     info = setup_distributed(device if device != "auto" else cfg.train.device)
