@@ -182,9 +182,13 @@ def cmd_test(args) -> dict:
     if info.is_main:
         print(f"scoring {checkpoint} on {evaluated['source']}: {evaluated['samples']} samples", flush=True)
     loader = build_eval_loader(cfg, dataset, info)
+    ood = None
+    if args.ood:
+        from .ood import ood_report
+        ood = ood_report(cfg, model.to(info.device), loader, args.ood, info.device)
     result = evaluate(cfg, model.to(info.device), loader, info, predictions=bool(args.out), details=True,
                       progress=True)
-    result = {"evaluated": evaluated, **result}
+    result = {"evaluated": evaluated, **result, **({"ood": ood} if ood is not None else {})}
     if info.is_main:
         _print_details(cfg, result, classes)
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}), flush=True)
@@ -262,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "test/val, train")
     p.add_argument("--out", help="write metrics and per-sample predictions (.json or .pkl)")
     p.add_argument("--metrics", nargs="+", help="accuracy (classification) or mIoU (segmentation)")
+    p.add_argument("--ood", action="append", metavar="DIR",
+                   help="a folder of images of no known class (repeatable): AUROC, FPR at 95%% TPR and the threshold "
+                        "of each open-set score")
     p.set_defaults(func=cmd_test, overrides=[])
 
     p = sub.add_parser("config", help="print a config as dnc uses it: _base_ files merged, overrides applied")
@@ -275,10 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of both digits configs")
     p.set_defaults(func=cmd_demo)
 
-    from .explain import add_command as add_explain
-    from .predict import add_command as add_predict
-    add_explain(sub)
-    add_predict(sub)
+    from . import explain, export, extend, ood, predict
+    for module in (explain, predict, ood, extend, export):
+        module.add_commands(sub)
     return parser
 
 

@@ -20,7 +20,7 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,11 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .data.classification import IMG_EXTENSIONS, read_rgb
+from .data.classification import IMG_EXTENSIONS, find_files, read_rgb
 from .engine import load_checkpoint, setup_distributed
 from .explain import _sample_name, explain_decisions, pixel_decisions
 from .files import write_atomic, write_json
+from .ood import apply_threshold, image_scores, pixel_scores, save_score_map, verdict_text
 from .report import palette, render_decision, render_segmentation
 from .tasks import build_cls_split, checkpoint_config, eval_transform, load_trained_model, training_subset
 
@@ -49,13 +50,10 @@ def find_images(inputs: Sequence[str], extensions: Sequence[str] = IMG_EXTENSION
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            hits = []
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                hits += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and f.lower().endswith(exts)]
+            hits = find_files(p, exts)
             if not hits:
                 raise FileNotFoundError(f"{item}: folder holds no images ({', '.join(exts)})")
-            found += sorted(hits)
+            found += hits
         elif _GLOB.search(item) and not p.exists():
             hits = sorted(f for f in glob.glob(item, recursive=True)
                           if os.path.isfile(f) and f.lower().endswith(exts) and not os.path.basename(f).startswith("."))
@@ -182,7 +180,8 @@ def run_predict(checkpoint, inputs: Sequence[str], explain: bool = False, pictur
             if segment:
                 recs = [_segment(cfg, model, x, paths[index[0]], classes, topk, explain, name)]
             else:
-                recs = _classify(cfg, model, x, [paths[i] for i in index], classes, topk, anchors, name, tile)
+                recs = _classify(cfg, model, x, [paths[i] for i in index], classes, topk, anchors, name, tile,
+                                 ckpt if ckpt.get("ood") else None)
             for r in recs:
                 if not quiet:
                     print(r.pop("_line"), flush=True)
@@ -197,18 +196,24 @@ def run_predict(checkpoint, inputs: Sequence[str], explain: bool = False, pictur
 
 @torch.no_grad()
 def _classify(cfg, model: nn.Module, x: torch.Tensor, paths: Sequence[str], classes, topk: int, anchors, name,
-              tile: int) -> list:
+              tile: int, calibrated: Optional[dict] = None) -> list:
+    """Records of a batch of images; with a ``calibrated`` checkpoint (``dnc calibrate``) each says
+    whether the image is of a known class (``ood``)."""
     if cfg.model.head == "dnc":
         dec = explain_decisions(model, x, topk=max(topk, 2))
         top_c, top_p = dec.classes[:, :topk], dec.probs[:, :topk]
     else:
         top_p, top_c = model(x).float().softmax(1).topk(min(topk, len(classes)), dim=1)
     top_c, top_p = top_c.cpu().tolist(), top_p.cpu().tolist()
+    verdicts = apply_threshold(image_scores(model, x)[1], calibrated) if calibrated else None
     records = []
     for n, path in enumerate(paths):
         rec = {"path": str(path), "pred": classes[top_c[n][0]],
                "top": [{"class": classes[c], "index": c, "score": round(p, 6)} for c, p in zip(top_c[n], top_p[n])]}
         rec["_line"] = f"{path}: " + "  ".join(f"{t['class']} {100 * t['score']:.1f}%" for t in rec["top"])
+        if verdicts is not None:  # below the calibrated threshold: no known class
+            rec["ood"] = verdicts[n]
+            rec["_line"] = f"{path}: {verdict_text(rec['ood'])}; " + rec["_line"][len(f"{path}: "):]
         if anchors is not None:
             _explain_one(rec, dec, n, path, classes, anchors, name, tile)
         records.append(rec)
@@ -264,6 +269,9 @@ def _segment(cfg, model: nn.Module, x: torch.Tensor, path: str, classes, topk: i
     rec["mask"] = str(name(path, "mask"))
     mask.save(rec["mask"])
     rec["_line"] += f"\n  colour mask -> {rec['mask']}"
+    rec["score_map"] = str(name(path, "score"))
+    save_score_map(pixel_scores(model, x, size)[0], rec["score_map"])
+    rec["_line"] += f"\n  per-pixel score map (known-class evidence, white = high) -> {rec['score_map']}"
     if explain:
         file = name(path, "segments")
         render_segmentation(pic, pred, dec["subcentroid"][0], classes, cfg.model.dnc.num_subcentroids,

@@ -1,0 +1,301 @@
+"""Open-set rejection: scores of "no known class", AUROC / FPR at 95% TPR, calibration (``dnc calibrate``).
+
+A DNC classifier places every class at K points of the unit sphere, so the cosine of an input to the
+nearest sub-centroid of *any* class (before the temperature) says how much it looks like anything
+seen in training. The linear twin has no such geometry; its usual scores are the maximum softmax
+probability and the energy ``logsumexp(logits)``. Everything here treats a *higher* score as "more
+known", so one threshold rule serves every score:
+
+* :func:`image_scores` / :func:`score_loader`: ``{kind: (N,)}`` for a batch / a data loader
+  (``cosine`` for DNC heads; ``msp`` and ``energy`` for every head);
+* :func:`pixel_scores`: the per-pixel map of a segmenter (``cosine`` for DNC, ``msp`` for linear);
+* :func:`auroc`, :func:`threshold_at_tpr`, :func:`fpr_at_tpr`: metrics in torch, no scikit-learn;
+* :func:`ood_report`: what ``dnc test --ood DIR`` adds to its result;
+* :func:`calibrate` (``dnc calibrate``) stores ``{"score", "threshold", "tpr"}`` under ``"ood"`` in a
+  copy of the checkpoint, and :func:`apply_threshold` turns scores into ``unknown`` verdicts
+  (``dnc predict``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["SCORES", "default_score", "image_scores", "score_loader", "pixel_scores", "auroc", "threshold_at_tpr",
+           "fpr_at_tpr", "list_images", "ImageList", "ood_report", "calibrate",
+           "apply_threshold", "add_commands"]
+
+# The scores each head offers, the first being the default (higher = more like a known class).
+SCORES = {"dnc": ("cosine", "msp", "energy"), "linear": ("msp", "energy")}
+
+
+def default_score(head: str) -> str:
+    return SCORES[head][0]
+
+
+def _head(net: nn.Module) -> nn.Module:
+    return net.head_module() if hasattr(net, "head_module") else net.head
+
+
+def _logit_scores(logits: torch.Tensor) -> dict:
+    logits = logits.float()
+    return {"msp": logits.softmax(1).amax(1), "energy": logits.logsumexp(1)}
+
+
+@torch.no_grad()
+def image_scores(model: nn.Module, images: torch.Tensor) -> tuple:
+    """``(logits (N, C), {kind: (N,)})`` of a classifier: ``msp`` and ``energy`` of the logits and,
+    for a DNC head, ``cosine``, the max over classes and sub-centroids of ``<z, p(c, k)>``."""
+    head = _head(model)
+    feats = model.features(images)
+    if not hasattr(head, "centroids"):
+        logits = head(feats).float()
+        return logits, _logit_scores(logits)
+    sims = head.centroids.similarities(head.embed(feats)).float()  # (N, C, K)
+    best = sims.amax(-1)
+    logits = head.calibrate(best).float()
+    return logits, {"cosine": best.amax(1), **_logit_scores(logits)}
+
+
+@torch.no_grad()
+def score_loader(model: nn.Module, loader, device: torch.device, autocast=None) -> tuple:
+    """Scores of every sample of a classification loader: ``({kind: (N,)}, labels (N,), preds (N,))``
+    on the CPU, in loader order. ``autocast`` is an optional context factory around the forward."""
+    from contextlib import nullcontext
+    model.eval()
+    parts, labels, preds = {}, [], []
+    for images, targets, *_ in loader:
+        if not len(targets):
+            continue
+        with (autocast() if autocast is not None else nullcontext()):
+            logits, scores = image_scores(model, images.to(device))
+        for k, v in scores.items():
+            parts.setdefault(k, []).append(v.float().cpu())
+        labels.append(targets.cpu())
+        preds.append(logits.argmax(1).cpu())
+    if not labels:
+        return {}, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return {k: torch.cat(v) for k, v in parts.items()}, torch.cat(labels), torch.cat(preds)
+
+
+@torch.no_grad()
+def pixel_scores(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+    """``(B, H, W)`` per-pixel score of a segmenter at ``out_size``: for a DNC head the max
+    sub-centroid cosine of each decoder pixel (upsampled bilinearly), for a linear head the max
+    softmax of the upsampled logits."""
+    pixel_head = model.head
+    head = pixel_head.head
+    x = model.decoder(model.encoder(images))
+    b, d, h, w = x.shape
+    if not hasattr(head, "centroids"):
+        logits = F.interpolate(pixel_head(x).float(), size=tuple(out_size), mode="bilinear", align_corners=False)
+        return logits.softmax(1).amax(1)
+    z = head.embed(x.permute(0, 2, 3, 1).reshape(-1, d))
+    score = head.centroids.similarities(z).float().flatten(1).amax(1).view(b, 1, h, w)
+    return F.interpolate(score, size=tuple(out_size), mode="bilinear", align_corners=False)[:, 0]
+
+
+# ============================================================================ metrics
+def _check_pair(known: torch.Tensor, unknown: torch.Tensor) -> tuple:
+    known, unknown = torch.as_tensor(known).double().flatten(), torch.as_tensor(unknown).double().flatten()
+    if not len(known) or not len(unknown):
+        raise ValueError(f"open-set metrics need known and unknown samples, got {len(known)} and {len(unknown)}")
+    if not (torch.isfinite(known).all() and torch.isfinite(unknown).all()):
+        raise ValueError("open-set metrics: a score is NaN or infinite")
+    return known, unknown
+
+
+def auroc(known: torch.Tensor, unknown: torch.Tensor) -> float:
+    """Area under the ROC curve of telling ``known`` (positives, higher scores) from ``unknown``:
+    the probability that a known sample scores higher than an unknown one, ties counting half
+    (the Mann-Whitney U statistic with tie-averaged ranks)."""
+    known, unknown = _check_pair(known, unknown)
+    values, inverse, counts = torch.unique(torch.cat([known, unknown]), return_inverse=True, return_counts=True)
+    end = counts.cumsum(0).double()
+    ranks = (end - (counts.double() - 1) / 2)[inverse]  # 1-based ranks, ties averaged
+    n1, n0 = len(known), len(unknown)
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def threshold_at_tpr(known: torch.Tensor, tpr: float = 0.95) -> float:
+    """The largest threshold ``t`` with at least a fraction ``tpr`` of ``known`` scoring ``>= t``."""
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"--tpr must be in (0, 1], got {tpr}")
+    known = torch.as_tensor(known).double().flatten()
+    if not len(known):
+        raise ValueError("a threshold needs at least one known sample")
+    ordered = known.sort(descending=True).values
+    return float(ordered[max(math.ceil(tpr * len(known) - 1e-9), 1) - 1])
+
+
+def fpr_at_tpr(known: torch.Tensor, unknown: torch.Tensor, tpr: float = 0.95) -> tuple:
+    """``(fpr, threshold)``: the fraction of ``unknown`` accepted at :func:`threshold_at_tpr`."""
+    known, unknown = _check_pair(known, unknown)
+    t = threshold_at_tpr(known, tpr)
+    return float((unknown >= t).double().mean()), t
+
+
+# ============================================================================ image files
+def list_images(folder) -> list:
+    """Sorted paths of the image files anywhere under ``folder`` (hidden names skipped, links followed once)."""
+    from .data.classification import IMG_EXTENSIONS, find_files
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found")
+    files = find_files(root, IMG_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{root}: no images under this folder ({', '.join(IMG_EXTENSIONS)})")
+    return files
+
+
+class ImageList(Dataset):
+    """``(image, label)`` samples from a list of files, all with the same ``label``."""
+
+    def __init__(self, files: Sequence[str], transform, label: int = -1):
+        self.files, self.transform, self.label = list(files), transform, label
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index):
+        from torchvision.transforms.v2 import functional as TF
+
+        from .data.classification import read_rgb
+        return self.transform(TF.to_image(read_rgb(self.files[index]))), self.label
+
+    def sample_name(self, index: int) -> str:
+        return self.files[index]
+
+
+def _folder_loader(cfg, folder, device) -> DataLoader:
+    from .data.classification import collate
+    from .tasks import eval_transform
+    files = list_images(folder)
+    return DataLoader(ImageList(files, eval_transform(cfg)), batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
+                      num_workers=cfg.data.num_workers, collate_fn=collate, pin_memory=device.type == "cuda")
+
+
+# ============================================================================ dnc test --ood
+def ood_report(cfg, model: nn.Module, val_loader, folders: Sequence[str], device: torch.device,
+               tpr: float = 0.95) -> dict:
+    """``dnc test --ood DIR...``: for each folder (images of no known class), and for each score of
+    the head, AUROC, FPR at ``tpr`` of the validation images, and that threshold.
+
+    Returns ``{folder: {"images": n, kind: {"auroc", "fpr95", "threshold"}}}`` (``fpr95`` is the
+    FPR at ``tpr``, 95% by default)."""
+    from .tasks import autocast
+    if cfg.task != "classification":
+        raise ValueError("dnc test --ood: open-set rejection is measured for classifiers; for a segmenter, "
+                         "dnc predict writes the per-pixel score map")
+    if torch.distributed.is_initialized():
+        raise ValueError("dnc test --ood runs in one process; start it without torchrun")
+    if len(set(map(str, folders))) != len(folders):
+        raise ValueError("dnc test --ood: a folder is given twice")
+    loaders = {str(f): _folder_loader(cfg, f, device) for f in folders}  # every folder checked before any work
+    amp = lambda: autocast(cfg, device)  # noqa: E731
+    known, _, _ = score_loader(model, val_loader, device, amp)
+    out = {}
+    for name, loader in loaders.items():
+        unknown, _, _ = score_loader(model, loader, device, amp)
+        out[name] = {"images": len(loader.dataset)}
+        for kind in SCORES[cfg.model.head]:
+            fpr, t = fpr_at_tpr(known[kind], unknown[kind], tpr)
+            out[name][kind] = {"auroc": round(100 * auroc(known[kind], unknown[kind]), 4),
+                               "fpr95": round(100 * fpr, 4), "threshold": t}
+    return out
+
+
+# ============================================================================ calibration and verdicts
+def calibrate(cfg, checkpoint, out, tpr: float = 0.95, score: Optional[str] = None, device: str = "auto") -> dict:
+    """``dnc calibrate``: the threshold that keeps a fraction ``tpr`` of the validation images of
+    ``cfg``, written with the score kind under ``"ood"`` into a copy of the checkpoint at ``out``
+    (atomically). Returns that ``"ood"`` dict."""
+    from .config import to_dict
+    from .engine import load_checkpoint, save_checkpoint, setup_distributed
+    from .tasks import autocast, build_datasets, build_eval_loader, load_trained_model
+
+    if cfg.task != "classification":
+        raise ValueError("dnc calibrate: thresholds are calibrated for classifiers")
+    kind = score or default_score(cfg.model.head)
+    if kind not in SCORES[cfg.model.head]:
+        raise ValueError(f"--score {kind!r} is not available for a {cfg.model.head} head; "
+                         f"choose one of {', '.join(SCORES[cfg.model.head])}")
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"--tpr must be in (0, 1], got {tpr}")
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"--out {out}: write the calibrated checkpoint to a new file, not over {checkpoint}")
+    info = setup_distributed(device if device != "auto" else cfg.train.device)
+    if info.world > 1:
+        raise ValueError("dnc calibrate runs in one process; start it without torchrun")
+    ckpt = load_checkpoint(checkpoint)
+    model = load_trained_model(cfg, ckpt, checkpoint).to(info.device).eval()
+    val = build_datasets(cfg, ("val",))[0]["val"]
+    scores, labels, preds = score_loader(model, build_eval_loader(cfg, val, info), info.device,
+                                         lambda: autocast(cfg, info.device))
+    if not len(labels):
+        raise ValueError("dnc calibrate: the validation split has no readable image")
+    t = threshold_at_tpr(scores[kind], tpr)
+    kept = float((scores[kind] >= t).double().mean())
+    ood = {"score": kind, "threshold": t, "tpr": tpr, "kept": round(kept, 6), "val_images": len(labels),
+           "val_top1": round(100 * float((labels == preds).double().mean()), 4)}
+    state = dict(ckpt)
+    state.pop("format", None)
+    if not isinstance(state.get("config"), dict):
+        state["config"] = to_dict(cfg)
+    state["ood"] = ood
+    save_checkpoint(Path(out), state)
+    return ood
+
+
+def apply_threshold(scores: dict, ckpt: dict) -> Optional[list]:
+    """Verdicts of a calibrated checkpoint (``None`` if it has no ``"ood"`` entry): for each sample
+    of ``scores`` (``{kind: (N,)}``, e.g. from :func:`image_scores`) a dict ``{"unknown": bool,
+    "score": float, "threshold": float, "kind": str}``; unknown means below the threshold."""
+    ood = ckpt.get("ood")
+    if not ood:
+        return None
+    kind, t = ood["score"], float(ood["threshold"])
+    if kind not in scores:
+        raise ValueError(f"the checkpoint is calibrated on the {kind!r} score, which this model does not give")
+    return [{"unknown": bool(s < t), "score": round(float(s), 6), "threshold": round(t, 6), "kind": kind}
+            for s in scores[kind].float().cpu().tolist()]
+
+
+def _cmd_calibrate(args) -> dict:
+    from .config import load_config
+    cfg = load_config(args.config, tuple(args.overrides))
+    ood = calibrate(cfg, args.checkpoint, args.out, args.tpr, args.score, args.device)
+    print(f"{ood['score']} threshold {ood['threshold']:.6f} keeps {100 * ood['kept']:.2f}% of "
+          f"{ood['val_images']} validation images -> {args.out}", flush=True)
+    return ood
+
+
+def add_commands(subparsers) -> None:
+    """Register ``dnc calibrate`` on an ``argparse`` sub-parsers object."""
+    p = subparsers.add_parser("calibrate", help="store an open-set threshold in a checkpoint (predict says 'unknown' below it)")
+    p.add_argument("config")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, metavar="CKPT2", help="the calibrated checkpoint to write")
+    p.add_argument("--tpr", type=float, default=0.95, help="fraction of validation images kept (default 0.95)")
+    p.add_argument("--score", default=None, help="cosine (DNC, default), msp or energy (linear default: msp)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def verdict_text(v: dict) -> str:
+    """``unknown (cosine 0.412 < 0.550)`` or ``known (cosine 0.801 >= 0.550)``."""
+    return (f"unknown ({v['kind']} {v['score']:.3f} < {v['threshold']:.3f})" if v["unknown"]
+            else f"known ({v['kind']} {v['score']:.3f} >= {v['threshold']:.3f})")
+
+
+def save_score_map(score: torch.Tensor, path) -> None:
+    """An ``(H, W)`` score map in [0, 1] (cosine or max softmax; lower values clipped) as a grayscale PNG."""
+    from PIL import Image
+    pixels = (score.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    Image.fromarray(pixels, mode="L").save(path)

@@ -1,0 +1,168 @@
+"""dnc extend: classes added from a few images or removed, without retraining; the result loads everywhere."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from dnc.cli import main
+from dnc.config import load_config, to_dict
+from dnc.engine import load_checkpoint, save_checkpoint
+from dnc.extend import JITTER_COS, fit_subcentroids
+from dnc.tasks import build_model
+
+from openset_tiny import DNC_CFG, overrides, train, write_digits
+
+KEY = "head.centroids.centroids"
+
+
+def test_fewer_distinct_images_than_k_still_give_k_distinct_subcentroids():
+    g = torch.Generator().manual_seed(0)
+    a, b = F.normalize(torch.randn(2, 16, generator=g), dim=1)
+    z = torch.stack([a, b, b, b, a + 0.3 * b] + list(F.normalize(torch.randn(9, 16, generator=g), dim=1)))
+    z = F.normalize(z, dim=1)
+    groups = torch.tensor([0, 1, 1, 1, 1] + [2] * 9)  # one image; two distinct directions; nine images
+    p = fit_subcentroids(z, groups, 3, 4, generator=g)
+    assert p.shape == (3, 4, 16)
+    torch.testing.assert_close(p.norm(dim=-1), torch.ones(3, 4))
+    gram = p @ p.transpose(1, 2)
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert (gram[:, off] < 1 - 1e-5).all()                           # K distinct sub-centroids in every class
+    cos_to_image = p[0] @ a
+    assert cos_to_image.max() == pytest.approx(1, abs=1e-6)           # one is the image itself,
+    assert (cos_to_image >= JITTER_COS - 1e-5).all()                  # the others jittered copies close to it
+    with pytest.raises(ValueError, match="no embedding"):
+        fit_subcentroids(z[:1], torch.tensor([0]), 2, 4)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = write_digits(tmp_path_factory.mktemp("digits"))
+    ckpt = train(DNC_CFG, tmp_path_factory.mktemp("work") / "dnc", root)
+    # one image of digit 7: a class from a single example
+    one = root / "one7" / "deep" / "folder"
+    one.mkdir(parents=True)
+    (one / "seven.png").write_bytes(next((root / "new" / "7").glob("*.png")).read_bytes())
+    # a data root with all eight classes (train and val), for dnc test / train on the extended model
+    for split, sources in (("train", ("known/train", "new")), ("val", ("known/val", "unknown"))):
+        for d in "01234567":
+            src = root / (sources[0] if d in "012345" else sources[1]) / d
+            (root / "all" / split).mkdir(parents=True, exist_ok=True)
+            (root / "all" / split / d).symlink_to(src, target_is_directory=True)
+    return root, ckpt
+
+
+def test_add_two_classes_one_from_a_single_image(setup, tmp_path, capsys):
+    root, ckpt = setup
+    out = tmp_path / "ext.pt"
+    capsys.readouterr()
+    assert main(["extend", DNC_CFG, str(ckpt), "--add", f"6={root / 'new' / '6'}", "--add", f"7={root / 'one7'}",
+                 "--val", "--out", str(out), *overrides(root)]) == 0
+    printed = capsys.readouterr().out
+    assert "old classes on the validation split (120 images): top-1" in printed and "6 (50 images)" in printed
+
+    old, new = load_checkpoint(ckpt), load_checkpoint(out)
+    assert new["classes"] == list("01234567") and new["config"]["data"]["num_classes"] == 8
+    assert new["config"]["data"]["dataset_kwargs"]["classes"] == list("01234567")
+    p_old, p_new = old["model"][KEY], new["model"][KEY]
+    assert p_new.shape == (8, *p_old.shape[1:])
+    assert torch.equal(p_new[:6], p_old)                              # every old class untouched
+    gram = p_new[7] @ p_new[7].t()
+    assert (gram[~torch.eye(len(gram), dtype=torch.bool)] < 1 - 1e-5).all()  # one image, K distinct sub-centroids
+    for k in old["model"]:
+        if k != KEY:
+            assert torch.equal(old["model"][k], new["model"][k]) if torch.is_tensor(old["model"][k]) else True
+    cfg_file = out.with_suffix(".yaml")
+    assert yaml.safe_load(cfg_file.read_text())["data"]["num_classes"] == 8
+
+    # dnc test on all eight classes: the new ones are recognised, the old ones kept
+    result = tmp_path / "r.json"
+    assert main(["test", str(cfg_file), str(out), "--out", str(result), f"data.root={root / 'all'}"]) == 0
+    preds = json.loads(result.read_text())["predictions"]
+    acc = {c: sum(p["pred"] == c for p in preds if p["label"] == c) / sum(p["label"] == c for p in preds) for c in (6, 7)}
+    assert acc[6] > 0.6 and acc[7] > 0.2, acc
+
+    # predict names the new classes; training resumes from the extended checkpoint
+    from dnc.explain import run_predict
+    seven = sorted((root / "unknown" / "6").glob("*.png"))[0]
+    assert run_predict(out, [str(seven)], topk=8, device="cpu")[0]["top"][0]["class"] in list("01234567")
+    work = tmp_path / "resumed"
+    assert main(["train", str(cfg_file), "--work-dir", str(work), "--resume", str(out), f"data.root={root / 'all'}",
+                 "train.iters=64", "train.eval_interval=64"]) == 0
+    assert load_checkpoint(work / "last.pt")["train_state"]["it"] == 64
+
+
+def test_remove_drops_the_class_and_keeps_the_others(setup, tmp_path):
+    root, ckpt = setup
+    out = tmp_path / "less.pt"
+    assert main(["extend", DNC_CFG, str(ckpt), "--remove", "5", "--remove", "0", "--out", str(out), *overrides(root)]) == 0
+    old, new = load_checkpoint(ckpt), load_checkpoint(out)
+    assert new["classes"] == list("1234")
+    assert torch.equal(new["model"][KEY], old["model"][KEY][1:5])
+    assert main(["predict", str(out), str(next((root / "known" / "val" / "5").glob("*.png")))]) == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--add", "3={new6}"], "--add 3: class '3' exists already"),
+    (["--remove", "cat"], "--remove cat: no class 'cat'"),
+    (["--add", "6={missing}"], "image folder not found"),
+    (["--add", "6"], "expected NAME=DIR"),
+    ([], "nothing to do"),
+])
+def test_bad_requests_fail_with_one_line_and_write_nothing(setup, tmp_path, capsys, args, message):
+    root, ckpt = setup
+    args = [a.format(new6=root / "new" / "6", missing=tmp_path / "nope") for a in args]
+    capsys.readouterr()
+    assert main(["extend", DNC_CFG, str(ckpt), *args, "--out", str(tmp_path / "x.pt"), *overrides(root)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not list(tmp_path.glob("x.*"))
+
+
+def test_layernorm_calibration_and_memory_follow_the_classes(tmp_path):
+    over = ("model.backbone_kwargs.width=4", "model.backbone_kwargs.num_features=16", "model.dnc.calibration=layernorm",
+            "model.dnc.memory_size=40", "data.dataset=imagefolder", "data.num_classes=3", f"data.root={tmp_path}")
+    cfg = load_config(DNC_CFG, over)
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained="")
+    with torch.no_grad():
+        model.head.mask_norm.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        model.head.centroids.memory_y.fill_(2)
+    save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "config": to_dict(cfg), "classes": ["a", "b", "c"]})
+    img = tmp_path / "d" / "x.png"
+    img.parent.mkdir()
+    from PIL import Image
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(img)
+    assert main(["extend", DNC_CFG, str(tmp_path / "m.pt"), "--add", f"d={img.parent}", "--remove", "b",
+                 "--out", str(tmp_path / "e.pt"), *over]) == 0
+    new = load_checkpoint(tmp_path / "e.pt")
+    assert new["classes"] == ["a", "c", "d"]
+    torch.testing.assert_close(new["model"]["head.mask_norm.weight"], torch.tensor([1.0, 3.0, 2.0]))  # new: the mean
+    assert (new["model"]["head.centroids.memory_y"] == -1).all()       # the memory held old class indices
+    assert "optimizer" not in new
+
+
+def test_refit_old_places_old_classes_on_the_current_embedding(setup, tmp_path, capsys):
+    root, ckpt = setup
+    out = tmp_path / "refit.pt"
+    capsys.readouterr()
+    assert main(["extend", DNC_CFG, str(ckpt), "--add", f"6={root / 'new' / '6'}", "--refit-old", "--val",
+                 "--out", str(out), *overrides(root)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("old classes"))
+    before, after = (float(v) for v in line.split("top-1 ")[1].split("% after")[0].split("% before, "))
+    old, new = load_checkpoint(ckpt), load_checkpoint(out)
+    assert not torch.equal(new["model"][KEY][:6], old["model"][KEY])
+    assert new["extended"]["refit_old"] is True
+    # every old class's training images are closer to their own re-fitted sub-centroids than before
+    from dnc.extend import _training_embeddings
+    cfg = load_config(DNC_CFG, tuple(overrides(root)))
+    model = build_model(cfg, pretrained="")
+    model.load_state_dict(old["model"])
+    z, y = _training_embeddings(cfg, model.eval(), torch.device("cpu"))
+
+    def own(p):
+        return torch.einsum("nd,nkd->nk", z, p[y]).amax(1).mean()
+
+    assert own(new["model"][KEY][:6]) > own(old["model"][KEY])
+    assert after > before - 10

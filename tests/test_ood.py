@@ -1,0 +1,158 @@
+"""Open-set rejection: metrics against scikit-learn, dnc test --ood, dnc calibrate, predict's verdicts."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from dnc.cli import main
+from dnc.config import Config, from_dict, load_config, to_dict
+from dnc.engine import load_checkpoint, save_checkpoint
+from dnc.ood import apply_threshold, auroc, fpr_at_tpr, image_scores, pixel_scores, threshold_at_tpr
+from dnc.tasks import build_model
+
+from openset_tiny import DNC_CFG, LINEAR_CFG, overrides, train, write_digits
+
+
+@pytest.mark.parametrize("seed,ties", [(0, False), (1, True), (2, True)])
+def test_auroc_and_fpr95_equal_scikit_learn(seed, ties):
+    g = torch.Generator().manual_seed(seed)
+    known, unknown = torch.randn(200, generator=g) + 1, torch.randn(97, generator=g)
+    if ties:  # coarse scores: many ties within and across the two sets
+        known, unknown = known.mul(2).round() / 2, unknown.mul(2).round() / 2
+    y = np.r_[np.ones(len(known)), np.zeros(len(unknown))]
+    s = np.r_[known.numpy(), unknown.numpy()]
+    assert auroc(known, unknown) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    assert fpr_at_tpr(known, unknown, 0.95)[0] == pytest.approx(fpr[np.searchsorted(tpr, 0.95)], abs=1e-12)
+
+
+def test_threshold_keeps_the_fraction_asked_for():
+    scores = torch.arange(100.0)
+    t = threshold_at_tpr(scores, 0.95)
+    assert t == 5.0 and (scores >= t).float().mean() == 0.95            # the largest such threshold
+    assert threshold_at_tpr(scores, 1.0) == 0.0
+    with pytest.raises(ValueError, match="tpr"):
+        threshold_at_tpr(scores, 0.0)
+    with pytest.raises(ValueError, match="known and unknown"):
+        auroc(scores, torch.empty(0))
+
+
+def test_dnc_score_is_the_max_subcentroid_cosine_before_the_temperature():
+    cfg = load_config(DNC_CFG, ("model.backbone_kwargs.width=4", "model.backbone_kwargs.num_features=16"))
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained="").eval()
+    x = torch.randn(5, 3, 8, 8)
+    logits, scores = image_scores(model, x)
+    with torch.no_grad():
+        z = model.head.embed(model.features(x))
+    p = model.head.centroids.centroids
+    torch.testing.assert_close(scores["cosine"], torch.einsum("nd,ckd->nck", z, p).flatten(1).amax(1))
+    torch.testing.assert_close(logits, model(x))
+    torch.testing.assert_close(scores["energy"], logits.logsumexp(1))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = write_digits(tmp_path_factory.mktemp("digits"))
+    work = tmp_path_factory.mktemp("work")
+    return root, train(DNC_CFG, work / "dnc", root), train(LINEAR_CFG, work / "linear", root)
+
+
+def test_test_ood_reports_auroc_fpr95_and_threshold_per_head(models, tmp_path):
+    root, dnc, linear = models
+    results = {}
+    for name, cfg, ckpt in (("dnc", DNC_CFG, dnc), ("linear", LINEAR_CFG, linear)):
+        out = tmp_path / f"{name}.json"
+        assert main(["test", cfg, str(ckpt), "--ood", str(root / "unknown"), "--ood", str(root / "new" / "9"),
+                     "--out", str(out), *overrides(root)]) == 0
+        results[name] = json.loads(out.read_text())
+    dnc_ood = results["dnc"]["ood"][str(root / "unknown")]
+    assert dnc_ood["images"] == 80 and set(dnc_ood) == {"images", "cosine", "msp", "energy"}
+    assert set(results["linear"]["ood"][str(root / "unknown")]) == {"images", "msp", "energy"}
+    assert results["dnc"]["ood"][str(root / "new" / "9")]["images"] == 50
+    for r in (results["dnc"], results["linear"]):
+        for entry in r["ood"].values():
+            for kind, m in entry.items():
+                if kind != "images":
+                    assert 0 <= m["auroc"] <= 100 and 0 <= m["fpr95"] <= 100 and np.isfinite(m["threshold"])
+    assert dnc_ood["cosine"]["auroc"] > 60  # unseen digits do look less like any known digit
+    assert results["dnc"]["top1"] > 80     # the model is trained, and the accuracy is still reported
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_test_ood_rejects_a_missing_or_empty_folder(models, tmp_path, capsys, make):
+    root, dnc, _ = models
+    folder = tmp_path / "ood"
+    if make == "empty":
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "notes.txt").write_text("no image here")
+    capsys.readouterr()
+    assert main(["test", DNC_CFG, str(dnc), "--ood", str(folder), "--out", str(tmp_path / "r.json"), *overrides(root)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(folder) in err
+    assert ("not found" if make == "missing" else "no images") in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_calibrate_then_predict_says_unknown_below_the_threshold(models, tmp_path, capsys):
+    root, dnc, _ = models
+    cal = tmp_path / "cal.pt"
+    assert main(["calibrate", DNC_CFG, str(dnc), "--tpr", "0.9", "--out", str(cal), *overrides(root)]) == 0
+    ckpt = load_checkpoint(cal)
+    ood = ckpt["ood"]
+    assert ood["score"] == "cosine" and ood["tpr"] == 0.9 and ood["kept"] >= 0.9 and ood["val_images"] == 120
+    assert torch.equal(ckpt["model"]["head.centroids.centroids"], load_checkpoint(dnc)["model"]["head.centroids.centroids"])
+    # the calibrated checkpoint still loads for dnc test
+    assert main(["test", DNC_CFG, str(cal), *overrides(root)]) == 0
+
+    known = sorted((root / "known" / "val" / "0").glob("*.png"))[:3]
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(noise)
+    from dnc.explain import run_predict
+    capsys.readouterr()
+    recs = run_predict(cal, [str(p) for p in known] + [str(noise)], topk=2, device="cpu")
+    lines = capsys.readouterr().out.strip().splitlines()
+    for rec, line in zip(recs, lines):
+        v = rec["ood"]
+        assert v["kind"] == "cosine" and v["unknown"] == (v["score"] < ood["threshold"])
+        assert ("unknown (cosine" if v["unknown"] else "known (cosine") in line
+    # the verdict follows the score: a threshold above every score makes all of them unknown
+    high = dict(ckpt, ood=dict(ood, threshold=2.0))
+    verdicts = apply_threshold({"cosine": torch.tensor([0.3, 0.99])}, high)
+    assert [v["unknown"] for v in verdicts] == [True, True]
+    assert apply_threshold({"cosine": torch.tensor([0.3])}, {}) is None
+
+
+def test_calibrate_refuses_to_overwrite_its_input_and_a_bad_score(models, capsys):
+    root, dnc, _ = models
+    before = dnc.read_bytes()
+    assert main(["calibrate", DNC_CFG, str(dnc), "--out", str(dnc), *overrides(root)]) == 1
+    assert "new file" in capsys.readouterr().err
+    assert main(["calibrate", DNC_CFG, str(dnc), "--out", str(dnc) + "2", "--score", "logits", *overrides(root)]) == 1
+    assert "--score 'logits'" in capsys.readouterr().err
+    assert dnc.read_bytes() == before
+
+
+def test_segmenter_score_map_and_predict_writes_it(tmp_path):
+    cfg = from_dict(Config, {"task": "segmentation", "data": {"dataset": "camvid", "num_classes": 4, "scale": None},
+                             "model": {"backbone": "resnet18", "decoder": "fcn", "decoder_channels": 16,
+                                       "dnc": {"num_subcentroids": 3}}, "train": {"iters": 1}})
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained="").eval()
+    x = torch.randn(2, 3, 48, 64)
+    score = pixel_scores(model, x, (40, 52))
+    with torch.no_grad():
+        feats = model.decoder(model.encoder(x))
+    z = torch.nn.functional.normalize(model.head.head.feat_norm(feats.permute(0, 2, 3, 1)), dim=-1)
+    low = torch.einsum("bhwd,ckd->bhwck", z, model.head.head.centroids.centroids).flatten(3).amax(-1)
+    expected = torch.nn.functional.interpolate(low[:, None], size=(40, 52), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(score, expected)
+
+    save_checkpoint(tmp_path / "seg.pt", {"model": model.state_dict(), "config": to_dict(cfg), "classes": list("abcd")})
+    Image.fromarray(torch.randint(0, 256, (40, 52, 3), dtype=torch.uint8).numpy()).save(tmp_path / "street.png")
+    assert main(["predict", str(tmp_path / "seg.pt"), str(tmp_path / "street.png"), "--out", str(tmp_path / "o")]) == 0
+    with Image.open(tmp_path / "o" / "street_score.png") as img:
+        assert img.mode == "L" and img.size == (52, 40)
