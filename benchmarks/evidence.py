@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 RECIPES = {
@@ -104,20 +105,23 @@ def main() -> None:
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--heads", nargs="+", default=["dnc", "linear"], choices=["dnc", "linear"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--parallel-twins", action="store_true",
+                   help="train the DNC and linear twins of a seed at the same time (a GPU with room for both; "
+                        "each twin then shares the machine with the other, so their wall times stay comparable)")
     p.add_argument("--set", dest="extra", nargs="*", default=[], metavar="key=value",
                    help="overrides applied to every run (e.g. train.threads=2)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     records = []
-    for recipe in a.recipes:
-        for seed in a.seeds:
-            for head in a.heads:  # twins back to back, so that both see the same machine load
-                records.append(run(recipe, head, seed, a.data, a.out, a.device, a.extra))
-                r = records[-1]
-                print(f"{recipe} {head} seed {seed}: test {r['test']:.2f}"
-                      + (f", anchored {r['test_anchored']:.2f}" if "test_anchored" in r else "")
-                      + f", val {r['val']}, {r['train_seconds']:.0f} s", flush=True)
+    with ThreadPoolExecutor(len(a.heads) if a.parallel_twins else 1) as pool:
+        for recipe in a.recipes:
+            for seed in a.seeds:  # twins back to back (or together), so that both see the same machine load
+                for r in pool.map(lambda head: run(recipe, head, seed, a.data, a.out, a.device, a.extra), a.heads):
+                    records.append(dict(r, parallel_twins=a.parallel_twins))
+                    print(f"{recipe} {r['head']} seed {seed}: test {r['test']:.2f}"
+                          + (f", anchored {r['test_anchored']:.2f}" if "test_anchored" in r else "")
+                          + f", val {r['val']}, {r['train_seconds']:.0f} s", flush=True)
                 (a.out / "evidence.json").write_text(json.dumps(records, indent=2) + "\n")
     print(table(records))
 

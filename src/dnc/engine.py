@@ -31,7 +31,7 @@ from .files import atomic_write, remove_stale_temporaries
 
 __all__ = ["DistInfo", "setup_distributed", "EpochSampler", "SeededDataset", "IndexedCollate", "make_loader",
            "build_optimizer", "build_scheduler", "save_checkpoint", "load_checkpoint", "load_resumable",
-           "remove_stale_temporaries", "ignore_stop_signals", "CheckpointError", "TrainingError", "train_loop",
+           "ignore_stop_signals", "CheckpointError", "TrainingError", "train_loop",
            "JsonLogger", "unwrap"]
 
 CHECKPOINT_FORMAT = "dnc-checkpoint"
