@@ -12,7 +12,7 @@ then one device call (tool ``run``)::
 
 Steps, each with its own time limit inside ``--budget`` (default 540 s), every figure written under
 ``$OUT`` as soon as it exists (summary.json, summary.txt, head_overhead.json, evidence.json, logs.tar.gz),
-so a cut-off call still returns what it measured:
+so a cut-off call still returns what it measured (and openset.json, class_addition.json):
 
 1. ``benchmarks/head_overhead.py --device cuda --full``: the DNC head against the linear head and a
    ResNet-50 bf16 step (B=256, C=1000, K=4, D=2048) at the ImageNet config's memory settings, the
@@ -22,6 +22,10 @@ so a cut-off call still returns what it measured:
    weights; CIFAR-10 and CamVid), DNC and linear twins, ``--seeds`` (default 0 1 2), each scored on its
    held-out test split by ``dnc test --split test``, the DNC classifiers also anchored by
    ``dnc explain``; wall time per run.
+   At the same time, on the same GPU (it has room for all): ``benchmarks/openset.py`` (CIFAR-10, 6 known /
+   4 unknown classes, the pretrained CPU recipe, DNC vs linear, seeds 0 1 2: AUROC and FPR95 of
+   ``dnc test --ood``) and ``benchmarks/class_addition.py`` (8 classes trained, 2 added by
+   ``dnc extend`` from 1/5/20/100/all images, against a retrained linear probe).
 3. With the time left, the GPU-sized twins (same backbone, full data, longer schedules):
    ``configs/cifar10_jpeg/effnet-lite0_1xb256_{dnc,linear}.yaml`` and
    ``configs/segmentation/camvid/fcn_effnet-lite0_1x16_2k_camvid_{dnc,linear}.yaml``, seed 0 (then 1),
@@ -145,7 +149,7 @@ class Suite:
         evidence_data.cifar(found["cifar"], root)
         evidence_data.camvid(found["camvid_train"], found["camvid_val"], root)
         self.say(f"data ready in {time.time() - t:.1f} s")
-        return root
+        return root, found["cifar"]
 
     def head(self) -> None:
         out = self.out / "head_overhead.json"
@@ -154,10 +158,48 @@ class Suite:
         self.summary["steps"]["head_overhead"] = self.run("head_overhead", argv, timeout=min(150, self.left() - 30))
         self.save()
 
+    def start(self, name: str, argv: list) -> tuple:
+        """Start ``argv`` in the background (output in logs/<name>.log); :meth:`finish` waits for it."""
+        env = dict(self.env, PYTHONPATH=os.pathsep.join(self.pythonpath + [self.env.get("PYTHONPATH", "")]))
+        log = open(self.logs / f"{name}.log", "w")
+        log.write("$ " + " ".join(map(str, argv)) + "\n")
+        log.flush()
+        proc = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                start_new_session=True)
+        return name, proc, log, time.time()
+
+    def finish(self, job: tuple, timeout: float, result: Path) -> None:
+        name, proc, log, t = job
+        try:
+            proc.wait(timeout=max(timeout, 1))
+            status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = f"timeout after {time.time() - t:.0f} s"
+        log.close()
+        if result.is_file():
+            shutil.copy(result, self.out / result.name)
+        self.summary["steps"][name] = {"status": status, "wall_s": round(time.time() - t, 1)}
+        self.say(f"{name}: {status}")
+        self.save()
+
+    def protocols(self, archive: Path) -> list:
+        if self.args.smoke:
+            extra = ["--per-class", "8", "--val-per-class", "4", "--device", "cpu", *SMOKE[1:3], "train.epochs=1",
+                     "data.train_subset=0", "data.batch_size=8", "model.dnc.init_samples=40"]
+        else:
+            extra = ["--device", "cuda", "data.num_workers=3"]
+        work = self.work / "protocols"
+        return [self.start("openset", [sys.executable, REPO / "benchmarks" / "openset.py", archive, "--work-dir",
+                                       work / "openset", "--seeds", *self.args.seeds.split(","), *extra]),
+                self.start("class_addition", [sys.executable, REPO / "benchmarks" / "class_addition.py", archive,
+                                              "--work-dir", work / "class_addition", *extra])]
+
     def evidence(self, data: Path) -> None:
         argv = [sys.executable, REPO / "benchmarks" / "evidence.py", "--data", data, "--out", self.work / "evidence",
                 "--device", "cpu" if self.args.smoke else "cuda", "--seeds", *self.args.seeds.split(",")]
-        extra = SMOKE + ["train.epochs=1", "model.dnc.init_samples=40"] if self.args.smoke else ["data.num_workers=6"]
+        extra = SMOKE + ["train.epochs=1", "model.dnc.init_samples=40"] if self.args.smoke else ["data.num_workers=4"]
         argv += ["--recipes", "cifar"] if self.args.smoke else ["--parallel-twins"]
         argv += ["--set", *extra]
         self.summary["steps"]["evidence"] = self.run("evidence", argv, timeout=self.left() - self.args.reserve)
@@ -189,11 +231,14 @@ class Suite:
     def main(self) -> None:
         parts = self.args.parts.split(",")
         self.check_env()
-        data = self.prepare_data()
+        data, archive = self.prepare_data()
         if "head" in parts:
             self.head()
+        jobs = self.protocols(archive) if "protocols" in parts else []
         if "evidence" in parts:
             self.evidence(data)
+        for job in jobs:
+            self.finish(job, self.left() - 10, self.work / "protocols" / job[0] / f"{job[0]}.json")
         if "twins" in parts:
             self.twins(data)
         self.save()
@@ -207,7 +252,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/dnc_suite", help="scratch folder (data, runs)")
     ap.add_argument("--budget", type=float, default=540, help="seconds for the whole suite")
     ap.add_argument("--reserve", type=float, default=20, help="seconds the evidence step leaves for the twins")
-    ap.add_argument("--parts", default="head,evidence,twins")
+    ap.add_argument("--parts", default="head,protocols,evidence,twins")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the evidence runs")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run with tiny sizes")
     Suite(ap.parse_args(argv)).main()

@@ -75,13 +75,15 @@ def test_load_model_predicts_what_dnc_test_scores(tmp_path):
     on the held-out digits, from uint8 tensors and from PIL images."""
     cfg = load_config(CONFIG, tuple(TINY))
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "m.pt", {"model": dnc.build_model(cfg).state_dict(), "config": to_dict(cfg),
-                                        "classes": [f"digit {i}" for i in range(10)]})
+    state = {"model": dnc.build_model(cfg).state_dict(), "config": to_dict(cfg)}
+    save_checkpoint(tmp_path / "m.pt", {**state, "classes": [str(i) for i in range(10)]})  # the digits' names
     assert main(["test", str(tmp_path / "m.pt"), "--out", str(tmp_path / "r.json")]) == 0
     expected = [p["pred"] for p in json.loads((tmp_path / "r.json").read_text())["predictions"]]
 
+    save_checkpoint(tmp_path / "named.pt", {**state, "classes": [f"digit {i}" for i in range(10)]})
+    assert dnc.load_model(tmp_path / "named.pt")[1] == [f"digit {i}" for i in range(10)]  # the checkpoint's names
     model, classes, transform = dnc.load_model(tmp_path / "m.pt")
-    assert not model.training and classes == [f"digit {i}" for i in range(10)]
+    assert not model.training and classes == [str(i) for i in range(10)]
     val = Digits(train=False, val_fraction=0.0501)
     images = [val[i][0] for i in range(len(val))]  # uint8 (3, 8, 8)
     with torch.no_grad():

@@ -111,7 +111,7 @@ def test_calibrate_then_predict_says_unknown_below_the_threshold(models, tmp_pat
     known = sorted((root / "known" / "val" / "0").glob("*.png"))[:3]
     noise = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(noise)
-    from dnc.explain import run_predict
+    from dnc.predict import run_predict
     capsys.readouterr()
     recs = run_predict(cal, [str(p) for p in known] + [str(noise)], topk=2, device="cpu")
     lines = capsys.readouterr().out.strip().splitlines()
@@ -153,6 +153,6 @@ def test_segmenter_score_map_and_predict_writes_it(tmp_path):
 
     save_checkpoint(tmp_path / "seg.pt", {"model": model.state_dict(), "config": to_dict(cfg), "classes": list("abcd")})
     Image.fromarray(torch.randint(0, 256, (40, 52, 3), dtype=torch.uint8).numpy()).save(tmp_path / "street.png")
-    assert main(["predict", str(tmp_path / "seg.pt"), str(tmp_path / "street.png"), "--out", str(tmp_path / "o")]) == 0
+    assert main(["predict", str(tmp_path / "seg.pt"), str(tmp_path / "street.png"), "--pictures", str(tmp_path / "o")]) == 0
     with Image.open(tmp_path / "o" / "street_score.png") as img:
         assert img.mode == "L" and img.size == (52, 40)

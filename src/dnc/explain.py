@@ -14,7 +14,7 @@ Pieces, usable on their own:
   the embedding of its nearest one (the anchor), and how many samples it wins;
 * :func:`anchor_model`, :func:`subcentroid_statistics`, :func:`explain_decisions`,
   :func:`pixel_decisions` (segmentation);
-* :func:`run_explain` and :func:`add_command`, the command line. The pictures and the HTML page are
+* :func:`run_explain` and :func:`add_commands`, the command line. The pictures and the HTML page are
   drawn by :mod:`dnc.report`; ``dnc predict --explain`` (:mod:`dnc.predict`) reuses the anchors.
 
 The training images searched are those the model was trained on: the data selection (dataset,
@@ -44,7 +44,7 @@ from .tasks import (autocast, build_cls_split, build_eval_loader, build_eval_spl
                     load_trained_model, training_subset)
 
 __all__ = ["TopMSearch", "TrainingMatches", "search_training_set", "anchor_model", "subcentroid_statistics",
-           "explain_decisions", "Decisions", "pixel_decisions", "training_config", "run_explain", "add_command"]
+           "explain_decisions", "Decisions", "pixel_decisions", "training_config", "run_explain", "add_commands"]
 
 # ============================================================================ the search and the anchors
 
@@ -463,7 +463,7 @@ def _cmd_explain(args) -> dict:
     return result
 
 
-def add_command(subparsers) -> None:
+def add_commands(subparsers) -> None:
     """Register ``dnc explain`` on an ``argparse`` sub-parsers object."""
     p = subparsers.add_parser("explain", help="anchor sub-centroids to training images; galleries and an HTML report")
     p.add_argument("config", help="the config the checkpoint was trained with (YAML file)")

@@ -205,7 +205,7 @@ def _cmd_export(args) -> dict:
 def add_commands(subparsers) -> None:
     """Register ``dnc export`` on an ``argparse`` sub-parsers object."""
     p = subparsers.add_parser("export", help="export a checkpoint to ONNX, TorchScript, torch.export or safetensors")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint to export (dnc train, dnc explain, dnc extend or dnc calibrate)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, metavar="FILE")
     p.add_argument("--atol", type=float, default=1e-3, help="largest allowed difference from PyTorch (default 1e-3)")

@@ -85,7 +85,7 @@ def embed_files(cfg, model: nn.Module, files: Sequence[str], device: torch.devic
                         num_workers=cfg.data.num_workers, collate_fn=collate)
     model.eval()
     out = []
-    for images, _, _ in loader:
+    for images, *_ in loader:
         with autocast(cfg, device):
             z, _ = model.embeddings(images.to(device))
         out.append(z.float())
@@ -204,7 +204,7 @@ def _embed_loader(cfg, model, loader, device) -> tuple:
     """Unit embeddings and labels of a classification loader."""
     from .tasks import autocast
     zs, ys = [], []
-    for images, targets, _ in loader:
+    for images, targets, *_ in loader:
         if len(targets):
             with autocast(cfg, device):
                 zs.append(model.embeddings(images.to(device))[0].float())
@@ -313,8 +313,8 @@ def _cmd_extend(args) -> dict:
 def add_commands(subparsers) -> None:
     """Register ``dnc extend`` on an ``argparse`` sub-parsers object."""
     p = subparsers.add_parser("extend", help="add classes from a few images or remove classes, without retraining")
-    p.add_argument("config")
-    p.add_argument("checkpoint")
+    p.add_argument("config", help="YAML config of the model (a file, or a path inside the shipped configs)")
+    p.add_argument("checkpoint", help="checkpoint whose classes change (dnc train, dnc explain or dnc extend)")
     p.add_argument("--add", action="append", default=[], metavar="NAME=DIR",
                    help="a new class and the folder of its images (any tree)")
     p.add_argument("--remove", action="append", default=[], metavar="NAME", help="a class to drop")

@@ -278,8 +278,8 @@ def _cmd_calibrate(args) -> dict:
 def add_commands(subparsers) -> None:
     """Register ``dnc calibrate`` on an ``argparse`` sub-parsers object."""
     p = subparsers.add_parser("calibrate", help="store an open-set threshold in a checkpoint (predict says 'unknown' below it)")
-    p.add_argument("config")
-    p.add_argument("checkpoint")
+    p.add_argument("config", help="YAML config of the model (a file, or a path inside the shipped configs)")
+    p.add_argument("checkpoint", help="checkpoint to calibrate (dnc train or dnc explain)")
     p.add_argument("--out", required=True, metavar="CKPT2", help="the calibrated checkpoint to write")
     p.add_argument("--tpr", type=float, default=0.95, help="fraction of validation images kept (default 0.95)")
     p.add_argument("--score", default=None, help="cosine (DNC, default), msp or energy (linear default: msp)")

@@ -36,7 +36,7 @@ from .ood import apply_threshold, image_scores, pixel_scores, save_score_map, ve
 from .report import palette, render_decision, render_segmentation
 from .tasks import build_cls_split, checkpoint_config, eval_transform, load_trained_model, training_subset
 
-__all__ = ["find_images", "run_predict", "write_records", "add_command"]
+__all__ = ["find_images", "run_predict", "write_records", "add_commands"]
 
 _GLOB = re.compile(r"[*?\[]")
 
@@ -286,7 +286,7 @@ def _cmd_predict(args) -> list:
                        args.batch_size, args.out)
 
 
-def add_command(subparsers) -> None:
+def add_commands(subparsers) -> None:
     """Register ``dnc predict`` on an ``argparse`` sub-parsers object."""
     p = subparsers.add_parser("predict", help="classify or segment images, folders and globs with a checkpoint")
     p.add_argument("checkpoint", help="a checkpoint of dnc train, or DIR/anchored.pt of dnc explain (for --explain)")
