@@ -9,6 +9,7 @@ Every head maps features to class logits with one interface, for images ``(N, D)
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -28,24 +29,47 @@ class DNCHead(nn.Module):
     of the fixed temperature, as in the original code; the prediction is then no longer exactly the
     class of the nearest sub-centroid.
 
-    Optional auxiliary losses of the prototype-segmentation line (need the current step's assignment,
-    so not with a memory): ``contrast_weight`` (cross-entropy over all C*K sub-centroid logits against
-    the assigned sub-centroid) and ``compact_weight`` (mean of ``(1 - <z, assigned p>)^2``).
+    Training: the sub-centroids move only when the head sees the labels. In a training loop of your
+    own, call it as ``logits, losses = head(x, target)`` (``losses``: the weighted auxiliary losses,
+    to add to your cross-entropy on ``logits``); ``head(x)`` in training mode returns logits and moves
+    nothing (it warns once). Under ``DistributedDataParallel`` with a memory, wrap the model with
+    ``broadcast_buffers=False`` (each process keeps its own memory shard; checked at the second step).
+
+    Args:
+        in_dim: D, the feature size. num_classes: C. num_subcentroids: K.
+        feat_norm: a LayerNorm on the features before the normalisation.
+        calibration: ``"temperature"`` (``scores / temperature``) or ``"layernorm"``.
+        contrast_weight: weight of the sub-centroid contrast loss (cross-entropy over all C*K
+            sub-centroid logits against the assigned sub-centroid); 0: off.
+        compact_weight: weight of the compactness loss (mean of ``(1 - <z, assigned p>)^2``); 0: off.
+            Both need the step's own assignment, so not with a memory.
+        momentum: gamma of the sub-centroid update ``p <- normalize(gamma p + (1 - gamma) normalize(S))``.
+        sinkhorn_eps, sinkhorn_iters: entropic regularisation and iterations of the balanced assignment.
+        correct_only: only correctly classified samples move the sub-centroids.
+        memory_size: if > 0, cluster a FIFO of the latest this many embeddings instead of the batch.
+        update_interval: cluster every this many training steps.
+        max_per_class: if > 0, at most this many random samples (pixels) per class enter a clustering step.
     """
 
     def __init__(self, in_dim: int, num_classes: int, num_subcentroids: int = 4, feat_norm: bool = True,
                  calibration: str = "temperature", temperature: float = 0.1, contrast_weight: float = 0.0,
-                 compact_weight: float = 0.0, **update_kwargs):
+                 compact_weight: float = 0.0, momentum: float = 0.999, sinkhorn_eps: float = 0.05,
+                 sinkhorn_iters: int = 3, correct_only: bool = True, memory_size: int = 0,
+                 update_interval: int = 1, max_per_class: int = 0):
         super().__init__()
         if calibration not in ("temperature", "layernorm"):
             raise ValueError(f"calibration must be 'temperature' or 'layernorm', got {calibration!r}")
-        if (contrast_weight or compact_weight) and update_kwargs.get("memory_size", 0):
+        if (contrast_weight or compact_weight) and memory_size:
             raise ValueError("contrast_weight/compact_weight need the step's own assignment: use memory_size=0")
         self.num_classes, self.temperature = num_classes, temperature
         self.contrast_weight, self.compact_weight = contrast_weight, compact_weight
         self.feat_norm = nn.LayerNorm(in_dim) if feat_norm else nn.Identity()
-        self.centroids = SubCentroids(num_classes, in_dim, num_subcentroids, **update_kwargs)
+        self.centroids = SubCentroids(num_classes, in_dim, num_subcentroids, momentum=momentum,
+                                      sinkhorn_eps=sinkhorn_eps, sinkhorn_iters=sinkhorn_iters,
+                                      correct_only=correct_only, memory_size=memory_size,
+                                      update_interval=update_interval, max_per_class=max_per_class)
         self.mask_norm = nn.LayerNorm(num_classes) if calibration == "layernorm" else None
+        self._warned_no_target = False
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Unit embeddings ``(N, D)``."""
@@ -57,26 +81,40 @@ class DNCHead(nn.Module):
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None):
         z = self.embed(x)
         sims = self.centroids.similarities(z)
-        logits = self.calibrate(sims.amax(-1).float())
-        if target is None or not self.training:
+        # max(-1).values, not amax: the backward keeps an (N, C) index, not an (N, C, K) mask.
+        logits = self.calibrate(sims.max(-1).values.float())
+        if not self.training:
+            return logits
+        if target is None:
+            if not self._warned_no_target:
+                self._warned_no_target = True
+                warnings.warn("DNCHead called in training mode without labels: the sub-centroids do not move. "
+                              "Call it as `logits, losses = head(x, target)` in training steps.", UserWarning,
+                              stacklevel=2)
             return logits
         correct = logits.detach().argmax(1) == target
         assign = self.centroids.update(z.detach(), target, correct, sims.detach())
         return logits, self._aux_losses(sims, target, assign)
 
     def _aux_losses(self, sims: torch.Tensor, target: torch.Tensor, assign: Optional[torch.Tensor]) -> dict:
+        """The weighted auxiliary losses, averaged over the samples that took part in the clustering.
+
+        Both read the assigned sub-centroid's similarity as one gathered column (cast to fp32 after the
+        gather); the contrast term is ``logsumexp(sims / tau) - own / tau`` over the C*K columns, in
+        the similarities' dtype (fp32 under fp32 training; under autocast the reduction accumulates in
+        fp32), so no fp32 copy of the (N, C*K) tensor is made."""
         losses = {}
         if assign is None or not (self.contrast_weight or self.compact_weight):
             return losses
-        k = self.centroids.k
         taken = assign >= 0
-        index = torch.where(taken, target * k + assign, -100)
+        n_taken = taken.sum().clamp_min(1)
+        flat = sims.flatten(1)
+        own = flat.gather(1, (target.clamp_min(0) * self.centroids.k + assign.clamp_min(0))[:, None]).squeeze(1).float()
         if self.contrast_weight:
-            ce = F.cross_entropy(sims.flatten(1).float() / self.temperature, index, ignore_index=-100, reduction="sum")
-            losses["contrast"] = self.contrast_weight * ce / taken.sum().clamp_min(1)
+            lse = torch.logsumexp(flat / self.temperature, 1).float()
+            losses["contrast"] = self.contrast_weight * ((lse - own / self.temperature) * taken).sum() / n_taken
         if self.compact_weight:
-            own = sims.flatten(1).float().gather(1, index.clamp_min(0)[:, None]).squeeze(1)
-            losses["compact"] = self.compact_weight * ((1 - own) ** 2 * taken).sum() / taken.sum().clamp_min(1)
+            losses["compact"] = self.compact_weight * ((1 - own) ** 2 * taken).sum() / n_taken
         return losses
 
 
