@@ -58,18 +58,20 @@ def sinkhorn_assign(scores: torch.Tensor, groups: torch.Tensor, num_groups: int,
     # In log space, so that no entry under- or overflows whatever eps and the scores (with
     # Q = exp(x), a small eps sends whole columns, e.g. an unused sub-centroid's, below e^-88, where
     # they lose their order). The constant factors 1/K and 1/N_c of the marginals cancel in the next
-    # normalisation and do not change the argmax, so each step simply equalises the sums.
+    # normalisation and do not change the argmax, so each step simply equalises the sums. In place
+    # where possible: every pass over the (N, K) scores counts.
     x = scores.float() / eps
     index = groups[:, None].expand(-1, k)
-    for _ in range(iters):
+    for it in range(iters):
         # Sub-centroid step: x -= log(sum of exp(x) over the group's samples), stabilised by the max.
         top = _all_reduce(x.new_full((num_groups, k), float("-inf")).scatter_reduce(0, index, x, "amax"),
                           dist.ReduceOp.MAX if _world_size() > 1 else None)
         top = torch.where(torch.isfinite(top), top, 0.0)  # groups without samples
-        mass = _all_reduce(x.new_zeros(num_groups, k).index_add_(0, groups, torch.exp(x - top[groups])))
-        x = x - (top + mass.log())[groups]
-        # Sample step: every sample's mass is equalised.
-        x = x - x.logsumexp(1, keepdim=True)
+        mass = _all_reduce(x.new_zeros(num_groups, k).index_add_(0, groups, (x - top[groups]).exp_()))
+        x -= (top + mass.log())[groups]
+        # Sample step: every sample's mass is equalised. The last one would not change the argmax.
+        if it < iters - 1:
+            x -= x.logsumexp(1, keepdim=True)
     return x.argmax(1)
 
 

@@ -99,23 +99,55 @@ class DNCHead(nn.Module):
     def _aux_losses(self, sims: torch.Tensor, target: torch.Tensor, assign: Optional[torch.Tensor]) -> dict:
         """The weighted auxiliary losses, averaged over the samples that took part in the clustering.
 
-        Both read the assigned sub-centroid's similarity as one gathered column (cast to fp32 after the
-        gather); the contrast term is ``logsumexp(sims / tau) - own / tau`` over the C*K columns, in
-        the similarities' dtype (fp32 under fp32 training; under autocast the reduction accumulates in
-        fp32), so no fp32 copy of the (N, C*K) tensor is made."""
+        ``contrast = logsumexp(sims / tau) - own / tau`` over the C*K sub-centroids and ``compact =
+        (1 - own)^2``, where ``own`` is the similarity to the assigned sub-centroid. Both come from
+        :class:`_ContrastTerms`, which makes no copy of the (N, C*K) similarities and one gradient."""
         losses = {}
         if assign is None or not (self.contrast_weight or self.compact_weight):
             return losses
         taken = assign >= 0
         n_taken = taken.sum().clamp_min(1)
-        flat = sims.flatten(1)
-        own = flat.gather(1, (target.clamp_min(0) * self.centroids.k + assign.clamp_min(0))[:, None]).squeeze(1).float()
+        index = target.clamp_min(0) * self.centroids.k + assign.clamp_min(0)
+        lse, own = _ContrastTerms.apply(sims.flatten(1), index, self.temperature)
         if self.contrast_weight:
-            lse = torch.logsumexp(flat / self.temperature, 1).float()
             losses["contrast"] = self.contrast_weight * ((lse - own / self.temperature) * taken).sum() / n_taken
         if self.compact_weight:
             losses["compact"] = self.compact_weight * ((1 - own) ** 2 * taken).sum() / n_taken
         return losses
+
+
+class _ContrastTerms(torch.autograd.Function):
+    """``lse[n] = logsumexp_j(s[n, j] / tau)`` and ``own[n] = s[n, index[n]]`` of ``s (N, M)``, in fp32
+    (or fp64 for fp64 ``s``).
+
+    Autograd through ``s / tau``, ``logsumexp`` and ``gather`` would keep a scaled copy of ``s``,
+    allocate an exponential of it, and produce two full-size gradients (the softmax and the scattered
+    column). Here the forward keeps only ``s`` itself (already alive) and ``lse``; both passes work in
+    row chunks of about 16 MiB, and the backward writes one gradient in the dtype of ``s``.
+    """
+
+    CHUNK = 1 << 22  # fp32 elements per chunk
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, index: torch.Tensor, tau: float):
+        step = max(1, _ContrastTerms.CHUNK // max(1, s.shape[1]))
+        dt = torch.promote_types(s.dtype, torch.float32)
+        lse = torch.cat([torch.logsumexp(c.to(dt) / tau, 1) for c in s.split(step)]) if s.shape[0] else \
+            s.new_zeros(0, dtype=dt)
+        own = s.gather(1, index[:, None]).squeeze(1).to(dt)
+        ctx.save_for_backward(s, index, lse)
+        ctx.tau, ctx.step = tau, step
+        return lse, own
+
+    @staticmethod
+    def backward(ctx, g_lse: torch.Tensor, g_own: torch.Tensor):
+        s, index, lse = ctx.saved_tensors
+        grad = torch.empty_like(s)
+        for i in range(0, s.shape[0], ctx.step):
+            j = i + ctx.step
+            grad[i:j] = torch.exp(s[i:j].to(lse.dtype) / ctx.tau - lse[i:j, None]).mul_(g_lse[i:j, None] / ctx.tau)
+        grad.scatter_add_(1, index[:, None], g_own[:, None].to(grad.dtype))
+        return grad, None, None
 
 
 class LinearHead(nn.Module):
