@@ -239,3 +239,25 @@ def test_kmeans_pp_in_chunks_equals_one_padded_layout():
         torch.testing.assert_close(chunked, padded, atol=1e-6, rtol=0)
     assert (padded[3] == 0).all()
     torch.testing.assert_close(padded[found].norm(dim=-1), torch.ones(int(found.sum()), 4))
+
+
+def test_step_with_fewer_samples_than_subcentroids_equals_the_reference():
+    """Fewer samples than C*K sub-centroids (e.g. a batch of 256 over 1000 classes x 4): the momentum
+    step works on the rows the samples touch; it equals the reference, and the untouched rows stay."""
+    torch.manual_seed(12)
+    c, k, d, n = 50, 4, 16, 60
+    sc = SubCentroids(c, d, k, momentum=0.7)
+    z = F.normalize(torch.randn(n, d), dim=1)
+    labels = torch.randint(0, 20, (n,))
+    correct = torch.rand(n) > 0.3
+    before = sc.centroids.clone()
+    expected = reference_update(before, z, labels, correct, 0.7)
+    assign = sc.update(z, labels, correct, sc.similarities(z))
+    torch.testing.assert_close(sc.centroids, expected.float(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(sc.centroids[20:], before[20:])
+    # The diagnostic: the mean, over the sub-centroids that moved (each once), of the cosine between
+    # the old sub-centroid and the normalised sum of its samples.
+    slot = (labels * k + assign)[correct]
+    sums = F.normalize(torch.zeros(c * k, d).index_add_(0, slot, z[correct]), dim=1)
+    moved = slot.unique()
+    torch.testing.assert_close(sc.alignment, (before.view(-1, d)[moved] * sums[moved]).sum(1).mean())

@@ -242,14 +242,14 @@ class SubCentroids(nn.Module):
     def _own_similarities(self, z: torch.Tensor, groups: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
         """``(M, K)`` fp32 cosines of each slot's sample to the sub-centroids of its own class.
 
-        In row chunks of about 2 MiB of gathered sub-centroids (small enough to stay in the cache), by
+        In row chunks of about 4 MiB of gathered sub-centroids (small enough to stay in the cache), by
         multiply and sum: exact fp32 whatever autocast is active, and no M x K x D copy.
         """
         c, k, d = self.num_classes, self.k, self.dim
         p = self.centroids.view(c, k * d)
         cls = groups.clamp(max=c - 1)
         out = torch.empty(cls.numel(), k, device=z.device)
-        step = max(64, (1 << 19) // (k * d))
+        step = max(64, (1 << 20) // (k * d))
         for i in range(0, cls.numel(), step):
             zc = z[rows[i:i + step].clamp(max=z.shape[0] - 1)] if rows is not None else z[i:i + step]
             gathered = torch.index_select(p, 0, cls[i:i + step]).view(-1, k, d)
@@ -301,7 +301,7 @@ class SubCentroids(nn.Module):
         if _world_size() > 1:  # one all-reduce carries both
             both = _all_reduce(torch.cat([total, count], 1))
             total, count = both[:, :-1], both[:, -1:]
-        self._momentum_step(total, count)
+        self._momentum_step(total, count, slot)
         if self.memory_size:
             return None
         out = torch.where(groups < c, assign, -1)
@@ -309,23 +309,35 @@ class SubCentroids(nn.Module):
             return out
         return torch.full((n + 1,), -1, dtype=torch.long, device=z.device).scatter_(0, rows, out)[:n]
 
-    def _momentum_step(self, total: torch.Tensor, count: torch.Tensor) -> None:
+    def _momentum_step(self, total: torch.Tensor, count: torch.Tensor, slot: torch.Tensor) -> None:
         """``p <- normalize(lerp(p, normalize(S), 1 - gamma))`` where ``M > 0``, from ``total`` S and
-        ``count`` M, both ``(C*K, .)``. Two temporaries of the sub-centroids' size (the normalised
-        sums, in place of ``total``, and the new sub-centroids); the old tensor is left as it is, since
-        autograd may still need it for this step's backward."""
+        ``count`` M, both ``(C*K, .)``, and ``slot`` (each slot's sub-centroid row, C*K where it took
+        no part). With fewer slots than sub-centroids (a batch of 256 over 1000 x 4) only the rows they
+        touch are computed, else all of them, with two temporaries of the sub-centroids' size. The old
+        tensor is left as it is: autograd may still need it for this step's backward."""
         p = self.centroids.view(-1, self.dim)
-        target = total.div_(total.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        ck = p.shape[0]
         moving = count > 0
+        rows = slot.clamp(max=ck - 1) if slot.numel() < ck else None  # a row's result depends on the row only
+        if rows is not None:
+            p_r, total, count = p[rows], total[rows], count[rows]
+            weight = (slot < ck)[:, None] / count.clamp_min(1)  # each moving row counts once in the mean
+        else:
+            p_r, weight = p, 1.0
+        target = total.div_(total.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        moving_r = count > 0
         # Convergence diagnostic (logged by the engine): mean cosine between each updated sub-centroid
         # and the normalised sum of the samples assigned to it; it tends to 1 as they converge.
-        cos = torch.einsum("nd,nd->n", p, target)[:, None]
-        self.alignment = (cos * moving).sum() / moving.sum().clamp_min(1)
-        moved = torch.lerp(p, target, (1 - self.momentum) * moving.float())
+        cos = torch.einsum("nd,nd->n", p_r, target)[:, None]
+        self.alignment = (cos * moving_r * weight).sum() / moving.sum().clamp_min(1)
+        moved = torch.lerp(p_r, target, (1 - self.momentum) * moving_r.float())
         norm = moved.norm(dim=1, keepdim=True)
-        keep = ~moving | (norm < 1e-6)
+        keep = ~moving_r | (norm < 1e-6)
         moved.div_(norm.clamp_min(1e-12))
-        self.centroids = torch.where(keep, p, moved, out=moved).view_as(self.centroids)
+        moved = torch.where(keep, p_r, moved, out=moved)
+        if rows is not None:  # repeated rows receive identical values
+            moved = p.clone().index_copy_(0, rows, moved)
+        self.centroids = moved.view_as(self.centroids)
 
     def _check_memory_owner(self) -> None:
         """Under DDP each process's memory is its own shard. ``DistributedDataParallel`` with its
