@@ -123,13 +123,15 @@ LIBC = _libc()
 
 
 def malloc_mode(measure: bool) -> None:
-    """glibc's thresholds (M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1). To measure a peak: every block of
-    64 KiB or more is mmap-ed and unmapped on free, so that none is reused unseen. To time: blocks up
-    to 32 MiB come from the heap and stay there when freed, as in glibc's adaptive default once large
-    blocks have been freed (fixed here, so that measuring a peak does not change the timings after it)."""
+    """glibc's settings (M_MMAP_MAX -4, M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1). To measure a peak:
+    every block of 64 KiB or more is mmap-ed and unmapped on free, so that none is reused unseen. To
+    time: nothing is mmap-ed and freed memory stays with the process, a caching allocator of sorts, so
+    that a variant's time is its arithmetic, not the page faults of fresh memory (costly in a virtual
+    machine), whose number depends on what ran before it."""
     if LIBC is not None:
-        LIBC.mallopt(-3, 1 << 16 if measure else 1 << 25)
-        LIBC.mallopt(-1, 1 << 17 if measure else 1 << 26)
+        LIBC.mallopt(-4, 1 << 16 if measure else 0)
+        LIBC.mallopt(-3, 1 << 16)
+        LIBC.mallopt(-1, 1 << 17 if measure else (1 << 31) - 1)
 
 
 malloc_mode(measure=False)
