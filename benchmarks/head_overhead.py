@@ -9,13 +9,12 @@ Usage::
 
 Every time is the median over interleaved rounds (warm-up first; CUDA events on a GPU,
 ``time.perf_counter`` on the CPU), every ratio the median of the per-round ratios, so that a shared
-machine's drifts stay out of the ratios. Every variant's peak memory is measured once, after the
-timing, over one call: on a GPU ``torch.cuda.max_memory_allocated`` above what was allocated before; on
-the CPU the process's resident high-water mark above its resident size before (``/proc/self/status``
-``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with glibc told to give freed memory
-back and to return every block of 64 KiB or more to the system on free, so that freed memory is not
-reused unseen; see :func:`malloc_mode`). Inputs that exist before the call (features, similarities
-given) are not counted.
+machine's drifts stay out of the ratios; glibc keeps freed memory for reuse (see
+:func:`_keep_freed_memory`). Every variant's peak memory is measured once, after the timing, over one
+call: on a GPU ``torch.cuda.max_memory_allocated`` above what was allocated before; on the CPU the
+largest total of the tensors created by the call that are alive at once, tracked op by op (a
+``TorchDispatchMode``; the process's resident size proved useless here: it depends on what glibc kept
+from earlier calls). Inputs that exist before the call (features, similarities given) are not counted.
 
 Parts (sizes: ``full`` on a GPU, ``cpu`` by default on the CPU, ``smoke`` to check the script):
 
@@ -51,7 +50,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -62,6 +60,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 try:
     import dnc
@@ -112,50 +113,60 @@ class Clock:
         return (time.perf_counter() - t) * 1e3
 
 
-def _libc():
+def _keep_freed_memory() -> None:
+    """Time with glibc keeping freed memory for reuse (no mmap, no trimming: a caching allocator of
+    sorts), so that a variant's time is its arithmetic, not the page faults of fresh memory (costly in
+    a virtual machine), whose number depends on what ran before it."""
     try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: the CPU peaks are then less exact
-        return None
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX
+    libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
 
 
-LIBC = _libc()
+_keep_freed_memory()
 
 
-def malloc_mode(measure: bool) -> None:
-    """glibc's settings (M_MMAP_MAX -4, M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1). To measure a peak:
-    every block of 64 KiB or more is mmap-ed and unmapped on free, so that none is reused unseen. To
-    time: nothing is mmap-ed and freed memory stays with the process, a caching allocator of sorts, so
-    that a variant's time is its arithmetic, not the page faults of fresh memory (costly in a virtual
-    machine), whose number depends on what ran before it."""
-    if LIBC is not None:
-        LIBC.mallopt(-4, 1 << 16 if measure else 0)
-        LIBC.mallopt(-3, 1 << 16)
-        LIBC.mallopt(-1, 1 << 17 if measure else (1 << 31) - 1)
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the tensor storages that the ops run under it create (not views, not
+    in-place results, not outputs written into an input), drops them when they die, and keeps the peak.
+    Temporaries internal to a single kernel are not seen."""
 
+    def __init__(self):
+        super().__init__()
+        self.live: dict = {}
+        self.current = self.peak = 0
 
-malloc_mode(measure=False)
+    @staticmethod
+    def _storages(tree):
+        for t in tree_leaves(tree):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                yield StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+        inputs = {ref.cdata for ref, _ in self._storages((args, kwargs))}
+        for ref, nbytes in self._storages(out):
+            if ref.cdata not in inputs and ref.cdata not in self.live:
+                self.live[ref.cdata] = (ref, nbytes)
+                self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        return out
 
 
 class Peak:
-    """Peak memory of one call of ``fn()`` in MiB, above what was in use before it (see the module
-    docstring); None where it cannot be measured (a CPU without ``/proc``).
-
-    On the CPU: freed heap memory is first given back (``malloc_trim``), so that the call cannot reuse
-    resident memory unseen; then the resident high-water mark is reset, the call runs, and the new
-    high-water mark less the resident size before is the peak."""
+    """Peak memory of one call of ``fn()`` in MiB, above what was in use before it: on a GPU
+    ``torch.cuda.max_memory_allocated`` (everything the caching allocator handed out); on the CPU the
+    bytes of the tensors the call creates that are alive at once (:class:`_LiveBytes`, exact at op
+    granularity, whatever the allocator does; kernels' internal workspaces are not seen)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.ok = self.cuda or Path("/proc/self/clear_refs").exists()
-
-    @staticmethod
-    def _status(field: str) -> int:
-        return int(re.search(field + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
     def __call__(self, fn: Callable[[], None]) -> Optional[float]:
-        if not self.ok:
-            return None
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
@@ -164,16 +175,9 @@ class Peak:
             fn()
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - base) / 2**20
-        malloc_mode(measure=True)
-        try:
-            if LIBC is not None:
-                LIBC.malloc_trim(0)
-            base = self._status("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current size
+        with _LiveBytes() as live:
             fn()
-            return (self._status("VmHWM") - base) / 2**20
-        finally:
-            malloc_mode(measure=False)
+        return live.peak / 2**20
 
 
 def interleaved(clock: Clock, fns: Dict[str, Callable[[], None]], per_call: Dict[str, int], warmup: int,
@@ -665,7 +669,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--resnet-batch", type=int, default=0, help="default: the head's batch (256)")
     ap.add_argument("--resnet-size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run all parts in this process (default: each part in a fresh process of its own, so that "
+                         "no part's figures depend on what the allocator kept from the one before)")
     args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -701,12 +709,31 @@ def main(argv=None) -> dict:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
             os.replace(tmp, out)
 
+    isolate = not args.in_process and len(parts) > 1
+
+    def child(name):
+        """Run one part in a fresh process and merge its figures into ``result``."""
+        import subprocess
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "part.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--parts", name, "--out", str(out), "--in-process"]
+            rc = subprocess.run(cmd).returncode
+            part = json.loads(out.read_text()) if out.is_file() else {}
+        skip = {"benchmark", "date", "command", "device", "size", "machine", "code", "wall_s", "targets", "sync_check"}
+        result.update({k: v for k, v in part.items() if k not in skip and k != "errors"})
+        if name == "sync" and "sync_check" in part:
+            result["sync_check"] = part["sync_check"]
+        errors = part.get("errors") or ({name: f"the part's process ended with code {rc}"} if rc else {})
+        if errors:
+            result.setdefault("errors", {}).update(errors)
+
     def guarded(name, fn):
         """Run one part; a failure is recorded and the other parts still run (a GPU lease is one shot)."""
         if name not in parts:
             return
         try:
-            fn()
+            child(name) if isolate else fn()
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             result.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:500]
@@ -736,8 +763,11 @@ def main(argv=None) -> dict:
         print(f"\n## ResNet-50 step  batch={r['sizes']['batch']} {r['sizes']['img_size']}px {args.amp} channels_last")
         for name, v in r["ms"].items():
             print(f"  {name:<20}{fmt(v['median_ms'])}  [{v['q25_ms']:.3f}-{v['q75_ms']:.3f}]")
+
+    def resnet_overhead():
+        r = result["resnet50"]
         result["overhead_pct_whole_step"] = 100 * (r["ratio_dnc_over_linear"] - 1)
-        print(f"  whole step, DNC(memory) / linear: x{r['ratio_dnc_over_linear']:.4f} "
+        print(f"\n## the DNC head in a ResNet-50 step: whole step, DNC(memory) / linear: x{r['ratio_dnc_over_linear']:.4f} "
               f"({result['overhead_pct_whole_step']:+.2f}%)")
         if "head" not in result:
             return
@@ -804,6 +834,8 @@ def main(argv=None) -> dict:
         guarded("sync", part_sync)
     else:
         result["sync_check"] = "not run: needs CUDA"
+    if "resnet50" in result:
+        resnet_overhead()
 
     result["targets"] = targets(result)
     if result["targets"]:
