@@ -143,14 +143,17 @@ def test_ddp_default_broadcast_buffers_with_a_memory_is_an_error(tmp_path):
         assert res["False"]["result"] == "ok" and set(res["False"]["memory_y"]) == {rank}, res
 
 
-def test_contrast_terms_gradient_in_chunks(monkeypatch):
-    """The hand-written backward of the auxiliary terms equals autograd's, also when split into chunks."""
-    from dnc.heads import _ContrastTerms
-    monkeypatch.setattr(_ContrastTerms, "CHUNK", 7)  # rows of 12: one row per chunk
+def test_hand_written_backwards_equal_autograd(monkeypatch):
+    """The class scores and the auxiliary terms: values and gradients (gradcheck), also in chunks."""
+    from dnc.heads import _Scores, _ScoresAndTerms
+    monkeypatch.setattr(_ScoresAndTerms, "CHUNK", 7)  # rows of 12: one row per chunk
     g = torch.Generator().manual_seed(3)
-    s = (torch.rand(9, 12, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    s = (torch.rand(9, 3, 4, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    nearest = s.detach().argmax(-1, keepdim=True)
     index = torch.randint(0, 12, (9,), generator=g)
-    torch.autograd.gradcheck(lambda t: _ContrastTerms.apply(t, index, 0.1), (s,))
-    lse, own = _ContrastTerms.apply(s, index, 0.1)
-    torch.testing.assert_close(lse, torch.logsumexp(s / 0.1, 1))
-    torch.testing.assert_close(own, s.gather(1, index[:, None]).squeeze(1))
+    torch.autograd.gradcheck(lambda t: _Scores.apply(t, nearest), (s,))
+    torch.autograd.gradcheck(lambda t: _ScoresAndTerms.apply(t, nearest, index, 0.1), (s,))
+    scores, lse, own = _ScoresAndTerms.apply(s, nearest, index, 0.1)
+    torch.testing.assert_close(scores, s.amax(-1))
+    torch.testing.assert_close(lse, torch.logsumexp(s.flatten(1) / 0.1, 1))
+    torch.testing.assert_close(own, s.flatten(1).gather(1, index[:, None]).squeeze(1))

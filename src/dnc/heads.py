@@ -81,73 +81,88 @@ class DNCHead(nn.Module):
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None):
         z = self.embed(x)
         sims = self.centroids.similarities(z)
-        # max(-1).values, not amax: the backward keeps an (N, C) index, not an (N, C, K) mask.
-        logits = self.calibrate(sims.max(-1).values.float())
-        if not self.training:
-            return logits
-        if target is None:
-            if not self._warned_no_target:
+        nearest = sims.detach().argmax(-1, keepdim=True)  # (N, C, 1): each class's nearest sub-centroid
+        if not self.training or target is None:
+            if self.training and not self._warned_no_target:
                 self._warned_no_target = True
                 warnings.warn("DNCHead called in training mode without labels: the sub-centroids do not move. "
                               "Call it as `logits, losses = head(x, target)` in training steps.", UserWarning,
                               stacklevel=2)
-            return logits
-        correct = logits.detach().argmax(1) == target
+            return self.calibrate(_Scores.apply(sims, nearest).float())
+        with torch.no_grad():  # the clustering needs the prediction before the differentiable scores
+            correct = self.calibrate(sims.gather(-1, nearest).squeeze(-1).float()).argmax(1) == target
         assign = self.centroids.update(z.detach(), target, correct, sims.detach())
-        return logits, self._aux_losses(sims, target, assign)
-
-    def _aux_losses(self, sims: torch.Tensor, target: torch.Tensor, assign: Optional[torch.Tensor]) -> dict:
-        """The weighted auxiliary losses, averaged over the samples that took part in the clustering.
-
-        ``contrast = logsumexp(sims / tau) - own / tau`` over the C*K sub-centroids and ``compact =
-        (1 - own)^2``, where ``own`` is the similarity to the assigned sub-centroid. Both come from
-        :class:`_ContrastTerms`, which makes no copy of the (N, C*K) similarities and one gradient."""
-        losses = {}
         if assign is None or not (self.contrast_weight or self.compact_weight):
-            return losses
+            return self.calibrate(_Scores.apply(sims, nearest).float()), {}
+        # The auxiliary losses, averaged over the samples that took part in the clustering:
+        # contrast = logsumexp(sims / tau) - own / tau over the C*K sub-centroids and compact =
+        # (1 - own)^2, own the similarity to the assigned sub-centroid.
         taken = assign >= 0
         n_taken = taken.sum().clamp_min(1)
-        index = target.clamp_min(0) * self.centroids.k + assign.clamp_min(0)
-        lse, own = _ContrastTerms.apply(sims.flatten(1), index, self.temperature)
+        own_index = target.clamp_min(0) * self.centroids.k + assign.clamp_min(0)
+        scores, lse, own = _ScoresAndTerms.apply(sims, nearest, own_index, self.temperature)
+        losses = {}
         if self.contrast_weight:
             losses["contrast"] = self.contrast_weight * ((lse - own / self.temperature) * taken).sum() / n_taken
         if self.compact_weight:
             losses["compact"] = self.compact_weight * ((1 - own) ** 2 * taken).sum() / n_taken
-        return losses
+        return self.calibrate(scores.float()), losses
 
 
-class _ContrastTerms(torch.autograd.Function):
-    """``lse[n] = logsumexp_j(s[n, j] / tau)`` and ``own[n] = s[n, index[n]]`` of ``s (N, M)``, in fp32
-    (or fp64 for fp64 ``s``).
+class _Scores(torch.autograd.Function):
+    """Class scores ``s[n, c, nearest[n, c]]`` (the max over K) of ``s (N, C, K)``, with a lean
+    backward: it keeps only the ``(N, C)`` index and writes the gradient in place into one zero
+    ``(N, C, K)`` tensor. (``amax`` keeps the input and builds masks; ``max(-1).values`` scatters out
+    of place, two such tensors at once; ``gather`` keeps its input.)"""
 
-    Autograd through ``s / tau``, ``logsumexp`` and ``gather`` would keep a scaled copy of ``s``,
-    allocate an exponential of it, and produce two full-size gradients (the softmax and the scattered
-    column). Here the forward keeps only ``s`` itself (already alive) and ``lse``; both passes work in
-    row chunks of about 16 MiB, and the backward writes one gradient in the dtype of ``s``.
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(nearest)
+        ctx.shape = s.shape
+        return s.gather(-1, nearest).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        nearest, = ctx.saved_tensors
+        return g.new_zeros(ctx.shape).scatter_add_(-1, nearest, g.unsqueeze(-1)), None
+
+
+class _ScoresAndTerms(torch.autograd.Function):
+    """The class scores of :class:`_Scores` and, over the flattened ``(N, C*K)`` similarities,
+    ``lse[n] = logsumexp_j(s[n, j] / tau)`` and ``own[n] = s[n, own_index[n]]`` (fp32, or fp64 for fp64
+    ``s``), in one function so that the backward writes one gradient for all three.
+
+    Autograd through ``s / tau``, ``logsumexp``, ``gather`` and the max would keep a scaled copy of
+    ``s``, allocate an exponential of it, and produce three full-size gradients. Here the forward keeps
+    ``s`` itself (already alive), the index and ``lse``; both passes work in row chunks of
+    ``CHUNK`` elements.
     """
 
-    CHUNK = 1 << 22  # fp32 elements per chunk
+    CHUNK = 1 << 20  # elements per chunk (4 MiB of fp32)
 
     @staticmethod
-    def forward(ctx, s: torch.Tensor, index: torch.Tensor, tau: float):
-        step = max(1, _ContrastTerms.CHUNK // max(1, s.shape[1]))
+    def forward(ctx, s: torch.Tensor, nearest: torch.Tensor, own_index: torch.Tensor, tau: float):
+        flat = s.flatten(1)
+        step = max(1, _ScoresAndTerms.CHUNK // max(1, flat.shape[1]))
         dt = torch.promote_types(s.dtype, torch.float32)
-        lse = torch.cat([torch.logsumexp(c.to(dt) / tau, 1) for c in s.split(step)]) if s.shape[0] else \
+        lse = torch.cat([torch.logsumexp(c.to(dt) / tau, 1) for c in flat.split(step)]) if s.shape[0] else \
             s.new_zeros(0, dtype=dt)
-        own = s.gather(1, index[:, None]).squeeze(1).to(dt)
-        ctx.save_for_backward(s, index, lse)
+        own = flat.gather(1, own_index[:, None]).squeeze(1).to(dt)
+        ctx.save_for_backward(s, nearest, own_index, lse)
         ctx.tau, ctx.step = tau, step
-        return lse, own
+        return s.gather(-1, nearest).squeeze(-1), lse, own
 
     @staticmethod
-    def backward(ctx, g_lse: torch.Tensor, g_own: torch.Tensor):
-        s, index, lse = ctx.saved_tensors
+    def backward(ctx, g_scores: torch.Tensor, g_lse: torch.Tensor, g_own: torch.Tensor):
+        s, nearest, own_index, lse = ctx.saved_tensors
         grad = torch.empty_like(s)
-        for i in range(0, s.shape[0], ctx.step):
+        flat, out = s.flatten(1), grad.view(s.shape[0], -1)
+        for i in range(0, flat.shape[0], ctx.step):  # the softmax part, d lse / d s
             j = i + ctx.step
-            grad[i:j] = torch.exp(s[i:j].to(lse.dtype) / ctx.tau - lse[i:j, None]).mul_(g_lse[i:j, None] / ctx.tau)
-        grad.scatter_add_(1, index[:, None], g_own[:, None].to(grad.dtype))
-        return grad, None, None
+            out[i:j] = torch.exp(flat[i:j].to(lse.dtype) / ctx.tau - lse[i:j, None]).mul_(g_lse[i:j, None] / ctx.tau)
+        grad.scatter_add_(-1, nearest, g_scores.unsqueeze(-1))
+        out.scatter_add_(1, own_index[:, None], g_own[:, None].to(grad.dtype))
+        return grad, None, None, None
 
 
 class LinearHead(nn.Module):
