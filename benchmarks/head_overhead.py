@@ -64,11 +64,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-try:
-    import dnc
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    import dnc
+# The package of this checkout, even where another copy is installed: the figures are of this code.
+_SRC = Path(__file__).resolve().parents[1] / "src"
+if (_SRC / "dnc").is_dir():
+    sys.path.insert(0, str(_SRC))
+import dnc  # noqa: E402
 
 from dnc.centroids import SubCentroids  # noqa: E402
 from dnc.heads import DNCHead, LinearHead  # noqa: E402
@@ -284,9 +284,10 @@ def code_version() -> dict:
     """The commit and the hashes of the measured sources (the tree may hold uncommitted changes)."""
     import hashlib
     import subprocess
-    src = Path(__file__).resolve().parents[1] / "src" / "dnc"
+    src = Path(DNC_DIR)  # the package measured
     out = {f: hashlib.sha1((src / f).read_bytes()).hexdigest()[:12] for f in ("centroids.py", "heads.py")
            if (src / f).is_file()}
+    out["package"] = src.parent.name + "/" + src.name
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=src, capture_output=True, text=True, timeout=10).stdout.strip()  # noqa: E731
         out["commit"] = git("rev-parse", "--short", "HEAD") or None
