@@ -288,7 +288,8 @@ class SubCentroids(nn.Module):
         else:  # each slot's K own-class columns of the forward's similarities, then fp32 (not the reverse)
             cols = groups.clamp(max=c - 1)[:, None] * k + torch.arange(k, device=z.device)
             flat = sims.reshape(n, c * k)
-            own = (flat.gather(1, cols) if rows is None else flat[rows.clamp(max=n - 1)[:, None], cols]).float()
+            own = (flat.gather(1, cols) if rows is None else  # one flat index: faster than two on the CPU
+                   flat.take(rows.clamp(max=n - 1)[:, None] * (c * k) + cols)).float()
         assign = sinkhorn_assign(own, groups, c + 1, self.eps, self.iters)
         take = groups < c
         if self.correct_only:
