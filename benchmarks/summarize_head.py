@@ -90,7 +90,7 @@ def main(paths) -> int:
               f"update time against N\n")
         table(runs, "cap_scaling", [("ms", "ms", None), ("x the smallest N", "growth_vs_smallest_N", 2)])
     if r0.get("targets"):
-        print("\n| target | limit | this run | met |\n| --- | --- | --- | --- |")
+        print("\n| target | limit | value: median (range) | met |\n| --- | --- | --- | --- |")
         for name, t in r0["targets"].items():
             values = [r["targets"][name]["value"] for r in runs if name in r.get("targets", {})]
             met = sum(r["targets"][name]["met"] for r in runs if name in r.get("targets", {}))
