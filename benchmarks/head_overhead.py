@@ -35,6 +35,7 @@ c. Per-pixel head step (N=16,384 on the CPU, 262,144 on a GPU): ``linear_CK`` (a
    ProtoSeg-style step (amax, per-class loop). Peak memory as a multiple of the (N, C, K) similarities.
 d. ``max_per_class`` at N = 65,536 to 262,144 pixels: the update with a binding cap (256 x 150 classes
    < N) against no cap; with the cap the time should stay flat as N grows.
+e. ``kmeans_pp`` (the data-driven initialisation) on 50,000 samples of 150 skewed classes, K=10.
 
 On CUDA, one training step of each DNC configuration also runs under
 ``torch.cuda.set_sync_debug_mode("warn")``; every host-device synchronisation is counted and located.
@@ -556,6 +557,22 @@ def cap_scaling(args, device) -> dict:
                                      for name in times}}
 
 
+# --------------------------------------------------------------------------------------------- part e
+def kmeans_init(args, device) -> dict:
+    """The data-driven initialisation (``kmeans_pp``, K=10) on 50,000 pixel-like samples of 150 classes
+    as skewed as in scene parsing (the shipped CamVid config draws 50,000)."""
+    from dnc.centroids import kmeans_pp
+    n = 2_000 if args.size == "smoke" else 50_000
+    _, c, k, d = SIZES[args.size]["pixel"]
+    g = torch.Generator().manual_seed(6)
+    labels = skewed_labels(n, c, g).clamp_min(0).to(device)
+    z = F.normalize(torch.randn(n, d, generator=g), dim=1).to(device)
+    fn = lambda: kmeans_pp(z, labels, c, k, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    times = interleaved(Clock(device), {"kmeans_pp": fn}, {}, 1, 3)
+    return {"sizes": {"N": n, "C": c, "K": k, "D": d, "label_distribution": "p_c ~ 1/(c+1)"},
+            "ms": {"kmeans_pp": summary(times["kmeans_pp"])}, "peak_mib": peaks(Peak(device), {"kmeans_pp": fn})}
+
+
 # --------------------------------------------------------------------------------------------- sync check
 def sync_check(args, device, dtype_feat, amp) -> dict:
     """Count host-device synchronisations in one training step of each DNC configuration."""
@@ -663,8 +680,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--memory-size", type=int, default=1024, help="of dnc_memory (default: the ImageNet configs')")
     ap.add_argument("--update-interval", type=int, default=8, help="of dnc_memory (default: the ImageNet configs')")
     ap.add_argument("--max-per-class", type=int, default=4096, help="cap of the per-pixel variants (default: the shipped configs')")
-    ap.add_argument("--parts", default="head,resnet,pixel,pixel_step,cap,sync",
-                    help="comma-separated subset of head,resnet,pixel,pixel_step,cap,sync")
+    ap.add_argument("--parts", default="head,resnet,pixel,pixel_step,cap,kmeans,sync",
+                    help="comma-separated subset of head,resnet,pixel,pixel_step,cap,kmeans,sync")
     ap.add_argument("--resnet", choices=("auto", "yes", "no"), default="auto",
                     help="measure ResNet-50 steps in the same run (auto: on CUDA only)")
     ap.add_argument("--resnet-batch", type=int, default=0, help="default: the head's batch (256)")
@@ -819,6 +836,12 @@ def main(argv=None) -> dict:
         print(f"\n## d. max_per_class={c['sizes']['max_per_class']}, C={c['sizes']['C']}: update time against N")
         print_table(c, lambda name: f"  x{c['growth_vs_smallest_N'][name]:.2f} the smallest N")
 
+    def part_kmeans():
+        km = result["kmeans"] = kmeans_init(args, device)
+        s = km["sizes"]
+        print(f"\n## e. kmeans_pp initialisation  N={s['N']} C={s['C']} K={s['K']} D={s['D']} ({s['label_distribution']})")
+        print_table(km)
+
     def part_sync():
         sc = result["sync_check"] = sync_check(args, device, dtype_feat, amp)
         print("\n## host-device synchronisations in one training step (torch.cuda.set_sync_debug_mode)")
@@ -831,6 +854,7 @@ def main(argv=None) -> dict:
     guarded("pixel", part_pixel)
     guarded("pixel_step", part_pixel_step)
     guarded("cap", part_cap)
+    guarded("kmeans", part_kmeans)
     if device.type == "cuda":
         guarded("sync", part_sync)
     else:

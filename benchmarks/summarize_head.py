@@ -89,6 +89,10 @@ def main(paths) -> int:
         print(f"\n**d. `max_per_class`** ({c['max_per_class']} x C={c['C']} slots, K={c['K']}, D={c['D']}): "
               f"update time against N\n")
         table(runs, "cap_scaling", [("ms", "ms", None), ("x the smallest N", "growth_vs_smallest_N", 2)])
+    if "kmeans" in r0:
+        km = r0["kmeans"]["sizes"]
+        print(f"\n**e. `kmeans_pp`** (N={km['N']}, C={km['C']}, K={km['K']}, D={km['D']}, {km['label_distribution']})\n")
+        table(runs, "kmeans", [("ms", "ms", None), ("peak MiB", "peak_mib", 1)])
     if r0.get("targets"):
         print("\n| target | limit | value: median (range) | met |\n| --- | --- | --- | --- |")
         for name, t in r0["targets"].items():
