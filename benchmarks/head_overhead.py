@@ -772,7 +772,7 @@ def main(argv=None) -> dict:
                 return f"  x{h['ratio_vs_linear_CK'][name]:.2f} linear_CK  x{h['ratio_vs_linear'][name]:.2f} linear"
             return f"  x{h['ratio_vs_linear']['linear_CK']:.2f} linear" if name == "linear_CK" else ""
         print_table(h, extra)
-        print(f"  per-class loop / vectorised, clustering event: "
+        print("  per-class loop / vectorised, clustering event: "
               + ", ".join(f"{k} x{v:.1f}" for k, v in h["event_speedup_naive_over_vectorised"].items())
               + f"; per-class loop step / dnc_step: x{h['naive_loop_step_over_dnc_step']:.2f}", flush=True)
 
