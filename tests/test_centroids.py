@@ -93,10 +93,10 @@ def test_unit_norm_no_grad_and_state_dict_roundtrip():
     assert not p.requires_grad and p.grad is None
     torch.testing.assert_close(p.norm(dim=-1), torch.ones(5, 3))
     assert set(head.state_dict()) >= {"centroids.centroids", "centroids.memory_z", "centroids.memory_y",
-                                      "centroids.memory_ptr", "centroids._extra_state"}
+                                      "centroids.memory_ptr", "centroids.step_count"}
     other = DNCHead(8, 5, num_subcentroids=3, memory_size=16, update_interval=2)
     other.load_state_dict(head.state_dict())
-    assert other.centroids.steps == 3
+    assert other.centroids.steps == 3 and int(other.centroids.step_count) == 3
     assert torch.equal(other.centroids.centroids, p) and torch.equal(other.centroids.memory_z, head.centroids.memory_z)
 
 
@@ -161,3 +161,103 @@ def test_aux_losses_use_the_assigned_subcentroid():
     assert set(losses) == {"contrast", "compact"}
     sum(losses.values()).backward()
     assert torch.isfinite(x.grad).all() and x.grad[:4].abs().sum() == 0  # ignored samples get no gradient
+
+
+def test_cap_takes_a_random_subset_and_equals_the_reference_on_it():
+    """``max_per_class``: in both layouts (C * cap >= N: the samples themselves; C * cap < N: a fixed
+    (C, cap) layout of the chosen ones), each class contributes at most ``cap`` samples, all of its
+    samples when it has fewer, and the step equals the per-class reference on the chosen samples."""
+    c, k, d, cap = 4, 3, 8, 10
+    labels = torch.cat([torch.zeros(100), torch.ones(6), torch.full((30,), 2), torch.full((9,), -1)]).long()
+    n = labels.numel()
+    for n_classes in (c, 40):  # 40 * 10 >= 145: the samples themselves; 4 * 10 < 145: the (C, cap) layout
+        torch.manual_seed(7)
+        sc = SubCentroids(n_classes, d, k, momentum=0.8, max_per_class=cap)
+        z = F.normalize(torch.randn(n, d), dim=1)
+        correct = torch.rand(n) > 0.2
+        for with_sims in (False, True):
+            before = sc.centroids.clone()
+            assign = sc.update(z, labels, correct, sc.similarities(z) if with_sims else None)
+            chosen = assign >= 0
+            per_class = torch.bincount(labels[chosen], minlength=n_classes)
+            assert per_class[:3].tolist() == [cap, 6, cap] and not chosen[labels < 0].any()
+            expected = reference_update(before, z[chosen], labels[chosen], correct[chosen], 0.8)
+            torch.testing.assert_close(sc.centroids, expected.float(), atol=1e-5, rtol=1e-5)
+            ref_assign = torch.cat([reference_sinkhorn(z[chosen & (labels == g)] @ before[g].t()) for g in range(3)])
+            order = torch.cat([torch.nonzero(chosen & (labels == g)).squeeze(1) for g in range(3)])
+            assert torch.equal(assign[order], ref_assign)
+
+
+def test_cap_draws_every_sample_equally_often():
+    torch.manual_seed(8)
+    labels = torch.cat([torch.zeros(50), torch.ones(3)]).long()
+    seen = torch.zeros(53)
+    for n_classes in (2, 30):  # both layouts
+        sc = SubCentroids(n_classes, 4, 2, max_per_class=5)
+        for _ in range(200):
+            seen += sc.update(F.normalize(torch.randn(53, 4), dim=1), labels, torch.ones(53, dtype=torch.bool)) >= 0
+    assert (seen[50:] == 400).all()
+    # each of the 50 samples of class 0 is expected 400 * 5 / 50 = 40 times
+    assert seen[:50].min() >= 20 and seen[:50].max() <= 65, seen[:50]
+
+
+def test_update_leaves_the_old_subcentroids_tensor_alone():
+    """The step replaces the buffer: a tensor the forward used (and autograd may hold) is not modified."""
+    torch.manual_seed(9)
+    sc = SubCentroids(3, 8, 2, momentum=0.5)
+    old = sc.centroids
+    kept = old.clone()
+    sc.update(F.normalize(torch.randn(30, 8), dim=1), torch.randint(0, 3, (30,)), torch.ones(30, dtype=torch.bool))
+    assert torch.equal(old, kept) and not torch.equal(sc.centroids, kept)
+
+
+def test_own_similarities_are_fp32_under_autocast():
+    torch.manual_seed(10)
+    sc = SubCentroids(5, 16, 3)
+    z = F.normalize(torch.randn(40, 16), dim=1)
+    labels = torch.randint(0, 5, (40,))
+    expected = torch.einsum("nd,nkd->nk", z.double(), sc.centroids[labels].double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sc._own_similarities(z, labels, None)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=0)
+
+
+def test_kmeans_pp_in_chunks_equals_one_padded_layout():
+    """Skewed classes (1 to 400 samples, one class empty): solving them in many small chunks gives the
+    same centers as one layout padded to the largest class, and the same ones as each class alone."""
+    torch.manual_seed(11)
+    sizes = [400, 1, 2, 0, 5, 37, 120, 3]
+    labels = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
+    labels = labels[torch.randperm(labels.numel())]
+    z = F.normalize(torch.randn(labels.numel(), 16), dim=1)
+    run = lambda budget: kmeans_pp(z, labels, len(sizes), 4, generator=torch.Generator().manual_seed(0), budget=budget)  # noqa: E731
+    padded, found = run(1 << 40)
+    for budget in (1, 16 * 50):  # every class alone; chunks of a few classes
+        chunked, found2 = run(budget)
+        assert torch.equal(found, found2) and found.tolist() == [s > 0 for s in sizes]
+        torch.testing.assert_close(chunked, padded, atol=1e-6, rtol=0)
+    assert (padded[3] == 0).all()
+    torch.testing.assert_close(padded[found].norm(dim=-1), torch.ones(int(found.sum()), 4))
+
+
+def test_step_with_fewer_samples_than_subcentroids_equals_the_reference():
+    """Fewer samples than C*K sub-centroids (e.g. a batch of 256 over 1000 classes x 4): the momentum
+    step works on the rows the samples touch; it equals the reference, and the untouched rows stay."""
+    torch.manual_seed(12)
+    c, k, d, n = 50, 4, 16, 60
+    sc = SubCentroids(c, d, k, momentum=0.7)
+    z = F.normalize(torch.randn(n, d), dim=1)
+    labels = torch.randint(0, 20, (n,))
+    correct = torch.rand(n) > 0.3
+    before = sc.centroids.clone()
+    expected = reference_update(before, z, labels, correct, 0.7)
+    assign = sc.update(z, labels, correct, sc.similarities(z))
+    torch.testing.assert_close(sc.centroids, expected.float(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(sc.centroids[20:], before[20:])
+    # The diagnostic: the mean, over the sub-centroids that moved (each once), of the cosine between
+    # the old sub-centroid and the normalised sum of its samples.
+    slot = (labels * k + assign)[correct]
+    sums = F.normalize(torch.zeros(c * k, d).index_add_(0, slot, z[correct]), dim=1)
+    moved = slot.unique()
+    torch.testing.assert_close(sc.alignment, (before.view(-1, d)[moved] * sums[moved]).sum(1).mean())

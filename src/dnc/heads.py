@@ -9,6 +9,7 @@ Every head maps features to class logits with one interface, for images ``(N, D)
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -28,24 +29,47 @@ class DNCHead(nn.Module):
     of the fixed temperature, as in the original code; the prediction is then no longer exactly the
     class of the nearest sub-centroid.
 
-    Optional auxiliary losses of the prototype-segmentation line (need the current step's assignment,
-    so not with a memory): ``contrast_weight`` (cross-entropy over all C*K sub-centroid logits against
-    the assigned sub-centroid) and ``compact_weight`` (mean of ``(1 - <z, assigned p>)^2``).
+    Training: the sub-centroids move only when the head sees the labels. In a training loop of your
+    own, call it as ``logits, losses = head(x, target)`` (``losses``: the weighted auxiliary losses,
+    to add to your cross-entropy on ``logits``); ``head(x)`` in training mode returns logits and moves
+    nothing (it warns once). Under ``DistributedDataParallel`` with a memory, wrap the model with
+    ``broadcast_buffers=False`` (each process keeps its own memory shard; checked at the second step).
+
+    Args:
+        in_dim: D, the feature size. num_classes: C. num_subcentroids: K.
+        feat_norm: a LayerNorm on the features before the normalisation.
+        calibration: ``"temperature"`` (``scores / temperature``) or ``"layernorm"``.
+        contrast_weight: weight of the sub-centroid contrast loss (cross-entropy over all C*K
+            sub-centroid logits against the assigned sub-centroid); 0: off.
+        compact_weight: weight of the compactness loss (mean of ``(1 - <z, assigned p>)^2``); 0: off.
+            Both need the step's own assignment, so not with a memory.
+        momentum: gamma of the sub-centroid update ``p <- normalize(gamma p + (1 - gamma) normalize(S))``.
+        sinkhorn_eps, sinkhorn_iters: entropic regularisation and iterations of the balanced assignment.
+        correct_only: only correctly classified samples move the sub-centroids.
+        memory_size: if > 0, cluster a FIFO of the latest this many embeddings instead of the batch.
+        update_interval: cluster every this many training steps.
+        max_per_class: if > 0, at most this many random samples (pixels) per class enter a clustering step.
     """
 
     def __init__(self, in_dim: int, num_classes: int, num_subcentroids: int = 4, feat_norm: bool = True,
                  calibration: str = "temperature", temperature: float = 0.1, contrast_weight: float = 0.0,
-                 compact_weight: float = 0.0, **update_kwargs):
+                 compact_weight: float = 0.0, momentum: float = 0.999, sinkhorn_eps: float = 0.05,
+                 sinkhorn_iters: int = 3, correct_only: bool = True, memory_size: int = 0,
+                 update_interval: int = 1, max_per_class: int = 0):
         super().__init__()
         if calibration not in ("temperature", "layernorm"):
             raise ValueError(f"calibration must be 'temperature' or 'layernorm', got {calibration!r}")
-        if (contrast_weight or compact_weight) and update_kwargs.get("memory_size", 0):
+        if (contrast_weight or compact_weight) and memory_size:
             raise ValueError("contrast_weight/compact_weight need the step's own assignment: use memory_size=0")
         self.num_classes, self.temperature = num_classes, temperature
         self.contrast_weight, self.compact_weight = contrast_weight, compact_weight
         self.feat_norm = nn.LayerNorm(in_dim) if feat_norm else nn.Identity()
-        self.centroids = SubCentroids(num_classes, in_dim, num_subcentroids, **update_kwargs)
+        self.centroids = SubCentroids(num_classes, in_dim, num_subcentroids, momentum=momentum,
+                                      sinkhorn_eps=sinkhorn_eps, sinkhorn_iters=sinkhorn_iters,
+                                      correct_only=correct_only, memory_size=memory_size,
+                                      update_interval=update_interval, max_per_class=max_per_class)
         self.mask_norm = nn.LayerNorm(num_classes) if calibration == "layernorm" else None
+        self._warned_no_target = False
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Unit embeddings ``(N, D)``."""
@@ -57,27 +81,88 @@ class DNCHead(nn.Module):
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None):
         z = self.embed(x)
         sims = self.centroids.similarities(z)
-        logits = self.calibrate(sims.amax(-1).float())
-        if target is None or not self.training:
-            return logits
-        correct = logits.detach().argmax(1) == target
+        nearest = sims.detach().argmax(-1, keepdim=True)  # (N, C, 1): each class's nearest sub-centroid
+        if not self.training or target is None:
+            if self.training and not self._warned_no_target:
+                self._warned_no_target = True
+                warnings.warn("DNCHead called in training mode without labels: the sub-centroids do not move. "
+                              "Call it as `logits, losses = head(x, target)` in training steps.", UserWarning,
+                              stacklevel=2)
+            return self.calibrate(_Scores.apply(sims, nearest).float())
+        with torch.no_grad():  # the clustering needs the prediction before the differentiable scores
+            correct = self.calibrate(sims.gather(-1, nearest).squeeze(-1).float()).argmax(1) == target
         assign = self.centroids.update(z.detach(), target, correct, sims.detach())
-        return logits, self._aux_losses(sims, target, assign)
-
-    def _aux_losses(self, sims: torch.Tensor, target: torch.Tensor, assign: Optional[torch.Tensor]) -> dict:
-        losses = {}
         if assign is None or not (self.contrast_weight or self.compact_weight):
-            return losses
-        k = self.centroids.k
+            return self.calibrate(_Scores.apply(sims, nearest).float()), {}
+        # The auxiliary losses, averaged over the samples that took part in the clustering:
+        # contrast = logsumexp(sims / tau) - own / tau over the C*K sub-centroids and compact =
+        # (1 - own)^2, own the similarity to the assigned sub-centroid.
         taken = assign >= 0
-        index = torch.where(taken, target * k + assign, -100)
+        n_taken = taken.sum().clamp_min(1)
+        own_index = target.clamp_min(0) * self.centroids.k + assign.clamp_min(0)
+        scores, lse, own = _ScoresAndTerms.apply(sims, nearest, own_index, self.temperature)
+        losses = {}
         if self.contrast_weight:
-            ce = F.cross_entropy(sims.flatten(1).float() / self.temperature, index, ignore_index=-100, reduction="sum")
-            losses["contrast"] = self.contrast_weight * ce / taken.sum().clamp_min(1)
+            losses["contrast"] = self.contrast_weight * ((lse - own / self.temperature) * taken).sum() / n_taken
         if self.compact_weight:
-            own = sims.flatten(1).float().gather(1, index.clamp_min(0)[:, None]).squeeze(1)
-            losses["compact"] = self.compact_weight * ((1 - own) ** 2 * taken).sum() / taken.sum().clamp_min(1)
-        return losses
+            losses["compact"] = self.compact_weight * ((1 - own) ** 2 * taken).sum() / n_taken
+        return self.calibrate(scores.float()), losses
+
+
+class _Scores(torch.autograd.Function):
+    """Class scores ``s[n, c, nearest[n, c]]`` (the max over K) of ``s (N, C, K)``, with a lean
+    backward: it keeps only the ``(N, C)`` index and writes the gradient in place into one zero
+    ``(N, C, K)`` tensor. (``amax`` keeps the input and builds masks; ``max(-1).values`` scatters out
+    of place, two such tensors at once; ``gather`` keeps its input.)"""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(nearest)
+        ctx.shape = s.shape
+        return s.gather(-1, nearest).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        nearest, = ctx.saved_tensors
+        return g.new_zeros(ctx.shape).scatter_add_(-1, nearest, g.unsqueeze(-1)), None
+
+
+class _ScoresAndTerms(torch.autograd.Function):
+    """The class scores of :class:`_Scores` and, over the flattened ``(N, C*K)`` similarities,
+    ``lse[n] = logsumexp_j(s[n, j] / tau)`` and ``own[n] = s[n, own_index[n]]`` (fp32, or fp64 for fp64
+    ``s``), in one function so that the backward writes one gradient for all three.
+
+    Autograd through ``s / tau``, ``logsumexp``, ``gather`` and the max would keep a scaled copy of
+    ``s``, allocate an exponential of it, and produce three full-size gradients. Here the forward keeps
+    ``s`` itself (already alive), the index and ``lse``; both passes work in row chunks of
+    ``CHUNK`` elements.
+    """
+
+    CHUNK = 1 << 20  # elements per chunk (4 MiB of fp32)
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, nearest: torch.Tensor, own_index: torch.Tensor, tau: float):
+        flat = s.flatten(1)
+        step = max(1, _ScoresAndTerms.CHUNK // max(1, flat.shape[1]))
+        dt = torch.promote_types(s.dtype, torch.float32)
+        lse = torch.cat([torch.logsumexp(c.to(dt) / tau, 1) for c in flat.split(step)]) if s.shape[0] else \
+            s.new_zeros(0, dtype=dt)
+        own = flat.gather(1, own_index[:, None]).squeeze(1).to(dt)
+        ctx.save_for_backward(s, nearest, own_index, lse)
+        ctx.tau, ctx.step = tau, step
+        return s.gather(-1, nearest).squeeze(-1), lse, own
+
+    @staticmethod
+    def backward(ctx, g_scores: torch.Tensor, g_lse: torch.Tensor, g_own: torch.Tensor):
+        s, nearest, own_index, lse = ctx.saved_tensors
+        grad = torch.empty_like(s)
+        flat, out = s.flatten(1), grad.view(s.shape[0], -1)
+        for i in range(0, flat.shape[0], ctx.step):  # the softmax part, d lse / d s
+            j = i + ctx.step
+            out[i:j] = torch.exp(flat[i:j].to(lse.dtype) / ctx.tau - lse[i:j, None]).mul_(g_lse[i:j, None] / ctx.tau)
+        grad.scatter_add_(-1, nearest, g_scores.unsqueeze(-1))
+        out.scatter_add_(1, own_index[:, None], g_own[:, None].to(grad.dtype))
+        return grad, None, None, None
 
 
 class LinearHead(nn.Module):

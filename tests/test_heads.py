@@ -1,0 +1,159 @@
+"""The DNC head's interface: options, the no-label warning, the auxiliary losses, the state dict as
+plain tensors (safetensors, old checkpoints), and the DDP buffer hazard of the sub-centroid memory."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from dnc.config import DNCConfig
+from dnc.heads import DNCHead, PixelHead, build_head
+from dnc_tiny import free_port, subprocess_env
+
+
+def trained_head(**kw) -> DNCHead:
+    torch.manual_seed(0)
+    head = DNCHead(8, 5, num_subcentroids=3, **kw).train()
+    for _ in range(5):
+        x, y = torch.randn(12, 8), torch.randint(0, 5, (12,))
+        head(x, y)
+    return head
+
+
+def test_build_head_takes_every_dnc_option_of_the_config():
+    kwargs = {k: v for k, v in dataclasses.asdict(DNCConfig()).items() if k not in ("init", "init_samples")}
+    kwargs.update(momentum=0.9, memory_size=32, update_interval=4, max_per_class=7, sinkhorn_iters=5)
+    head = build_head("dnc", 8, 5, **kwargs)
+    sc = head.centroids
+    assert (sc.momentum, sc.memory_size, sc.update_interval, sc.max_per_class, sc.iters) == (0.9, 32, 4, 7, 5)
+    with pytest.raises(TypeError):
+        DNCHead(8, 5, momentun=0.9)  # a misspelt option is an error, not silently ignored
+
+
+def test_training_call_without_labels_warns_once_and_moves_nothing():
+    torch.manual_seed(4)
+    head = DNCHead(8, 5, correct_only=False).train()
+    before = head.centroids.centroids.clone()
+    with pytest.warns(UserWarning, match=r"head\(x, target\)"):
+        logits = head(torch.randn(4, 8))
+    assert logits.shape == (4, 5) and torch.equal(head.centroids.centroids, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head(torch.randn(4, 8))  # once only
+        head.eval()(torch.randn(4, 8))  # evaluation needs no labels
+        logits, losses = head.train()(torch.randn(4, 8), torch.tensor([0, 1, 2, 3]))  # the training API
+    assert not torch.equal(head.centroids.centroids, before)
+
+
+def test_logits_and_auxiliary_losses_equal_their_definitions():
+    torch.manual_seed(1)
+    head = DNCHead(8, 3, num_subcentroids=4, feat_norm=False, contrast_weight=0.01, compact_weight=0.001).train()
+    x = torch.randn(30, 8, requires_grad=True)
+    y = torch.randint(-1, 3, (30,))
+    p = head.centroids.centroids.clone()
+    logits, losses = head(x, y)
+    z = F.normalize(x, dim=1)
+    sims = torch.einsum("nd,ckd->nck", z, p)
+    torch.testing.assert_close(logits, sims.amax(-1) / 0.1)
+    # The assignment of the step: the reference Sinkhorn on the same similarities.
+    from test_centroids import reference_sinkhorn
+    a = torch.full((30,), -1)
+    for c in range(3):
+        m = y == c
+        a[m] = reference_sinkhorn(sims[m, c].detach())
+    taken = a >= 0
+    index = torch.where(taken, y * 4 + a, -100)
+    contrast = 0.01 * F.cross_entropy(sims.flatten(1) / 0.1, index, ignore_index=-100)
+    own = sims.flatten(1).gather(1, index.clamp_min(0)[:, None]).squeeze(1)
+    compact = 0.001 * ((1 - own[taken]) ** 2).mean()
+    torch.testing.assert_close(losses["contrast"], contrast)
+    torch.testing.assert_close(losses["compact"], compact)
+    got = torch.autograd.grad(logits.sum() + losses["contrast"] + losses["compact"], x)[0]
+    want = torch.autograd.grad(sims.amax(-1).sum() / 0.1 + contrast + compact, x)[0]
+    torch.testing.assert_close(got, want)
+
+
+def test_state_dict_is_plain_tensors_saved_by_safetensors(tmp_path):
+    head = trained_head(memory_size=16, update_interval=2)
+    state = head.state_dict()
+    assert all(torch.is_tensor(v) for v in state.values())
+    assert int(state["centroids.step_count"]) == 5 and "centroids.memory_owner" not in state
+    save_file(state, str(tmp_path / "head.safetensors"))
+    other = DNCHead(8, 5, num_subcentroids=3, memory_size=16, update_interval=2)
+    other.load_state_dict(load_file(str(tmp_path / "head.safetensors")))
+    assert other.centroids.steps == 5
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # The loaded head continues exactly as the original: the next clustering step fires at step 6.
+    x, y = torch.randn(12, 8), torch.randint(0, 5, (12,))
+    head(x, y), other.train()(x, y)
+    assert torch.equal(head.centroids.centroids, other.centroids.centroids)
+
+
+def test_old_checkpoint_with_extra_state_loads():
+    head = trained_head(memory_size=16, update_interval=2)
+    old = dict(head.state_dict())
+    old["centroids._extra_state"] = {"steps": int(old.pop("centroids.step_count"))}  # the format before
+    other = DNCHead(8, 5, num_subcentroids=3, memory_size=16, update_interval=2)
+    other.load_state_dict(old)  # strict
+    assert other.centroids.steps == 5 and int(other.centroids.step_count) == 5
+    assert torch.equal(other.centroids.centroids, head.centroids.centroids)
+
+
+def test_pixel_head_with_cap_and_aux_losses():
+    torch.manual_seed(2)
+    head = PixelHead(DNCHead(8, 4, num_subcentroids=2, max_per_class=5, contrast_weight=0.01), ignore_index=255).train()
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    t = torch.randint(0, 4, (2, 6, 6))
+    t[0, :2] = 255
+    logits, losses = head(x, t)
+    assert logits.shape == (2, 4, 6, 6) and torch.isfinite(losses["contrast"])
+    losses["contrast"].backward()
+    taken = x.grad.abs().sum(1).flatten() > 0  # only pixels chosen by the cap (at most 5 per class) contribute
+    assert 0 < taken.sum() <= 4 * 5 and not taken.view(2, 6, 6)[0, :2].any()
+
+
+def test_ddp_default_broadcast_buffers_with_a_memory_is_an_error(tmp_path):
+    """Two CPU processes (gloo): with ``broadcast_buffers=True`` both stop with one clear error naming
+    the fix; with ``broadcast_buffers=False`` each keeps its own memory shard."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(Path(__file__).with_name("ddp_buffers_runner.py")), str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("torchrun did not finish in 120 s")
+    assert proc.returncode == 0, stderr[-3000:]
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert "broadcast_buffers=False" in res["True"]["result"], res
+        assert res["False"]["result"] == "ok" and set(res["False"]["memory_y"]) == {rank}, res
+
+
+def test_hand_written_backwards_equal_autograd(monkeypatch):
+    """The class scores and the auxiliary terms: values and gradients (gradcheck), also in chunks."""
+    from dnc.heads import _Scores, _ScoresAndTerms
+    monkeypatch.setattr(_ScoresAndTerms, "CHUNK", 7)  # rows of 12: one row per chunk
+    g = torch.Generator().manual_seed(3)
+    s = (torch.rand(9, 3, 4, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    nearest = s.detach().argmax(-1, keepdim=True)
+    index = torch.randint(0, 12, (9,), generator=g)
+    torch.autograd.gradcheck(lambda t: _Scores.apply(t, nearest), (s,))
+    torch.autograd.gradcheck(lambda t: _ScoresAndTerms.apply(t, nearest, index, 0.1), (s,))
+    scores, lse, own = _ScoresAndTerms.apply(s, nearest, index, 0.1)
+    torch.testing.assert_close(scores, s.amax(-1))
+    torch.testing.assert_close(lse, torch.logsumexp(s.flatten(1) / 0.1, 1))
+    torch.testing.assert_close(own, s.flatten(1).gather(1, index[:, None]).squeeze(1))
