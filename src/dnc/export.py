@@ -12,9 +12,8 @@ several shapes, and compared with the PyTorch model. The largest absolute differ
 above ``--atol`` the command fails (one line) and the temporary file is removed, so ``--out`` only
 ever holds a checked export.
 
-safetensors holds tensors only: the head's non-tensor state (the sub-centroid step count, kept as
-``_extra_state`` by the current ``SubCentroids``) is left out of the tensors and written, with the
-config and the class names, as JSON in the file's metadata (:func:`read_safetensors` reads it back).
+safetensors holds the state dict (plain tensors only, the sub-centroid step count included) and, as JSON
+in the file's metadata, the config and the class names (:func:`read_safetensors` reads both back).
 """
 from __future__ import annotations
 
@@ -56,12 +55,6 @@ def example_inputs(cfg, size: Optional[Sequence[int]] = None, seed: int = 0) -> 
     return [torch.randn(s, generator=g) for s in shapes]
 
 
-def _strip_extra_state(state: dict) -> tuple:
-    tensors = {k: v.contiguous() for k, v in state.items() if torch.is_tensor(v)}
-    extra = {k: v for k, v in state.items() if not torch.is_tensor(v)}
-    return tensors, extra
-
-
 def export_model(model: nn.Module, fmt: str, path, example: torch.Tensor, segmentation: bool,
                  metadata: Optional[dict] = None) -> None:
     """Write ``model`` (in eval mode) to ``path`` in format ``fmt``, traced on ``example``."""
@@ -69,9 +62,8 @@ def export_model(model: nn.Module, fmt: str, path, example: torch.Tensor, segmen
     path = str(path)
     if fmt == "safetensors":
         from safetensors.torch import save_file
-        tensors, extra = _strip_extra_state(model.state_dict())
-        meta = {"dnc": json.dumps({**(metadata or {}), "extra_state": extra}, default=str)}
-        save_file(tensors, path, metadata=meta)
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, path, metadata={"dnc": json.dumps(metadata or {}, default=str)})
         return
     if fmt == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():
@@ -98,15 +90,12 @@ def export_model(model: nn.Module, fmt: str, path, example: torch.Tensor, segmen
 
 
 def read_safetensors(path) -> tuple:
-    """``(state_dict, metadata)`` of a ``dnc export --format safetensors`` file; the state dict has
-    the non-tensor entries back, so that ``model.load_state_dict`` takes it."""
+    """``(state_dict, metadata)`` of a ``dnc export --format safetensors`` file."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     with safe_open(str(path), "pt") as f:
         meta = json.loads((f.metadata() or {}).get("dnc", "{}"))
-    state = load_file(str(path))
-    state.update(meta.pop("extra_state", {}))
-    return state, meta
+    return load_file(str(path)), meta
 
 
 def _runner(fmt: str, path, cfg):

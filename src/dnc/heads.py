@@ -81,14 +81,14 @@ class DNCHead(nn.Module):
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None):
         z = self.embed(x)
         sims = self.centroids.similarities(z)
-        nearest = sims.detach().argmax(-1, keepdim=True)  # (N, C, 1): each class's nearest sub-centroid
         if not self.training or target is None:
             if self.training and not self._warned_no_target:
                 self._warned_no_target = True
                 warnings.warn("DNCHead called in training mode without labels: the sub-centroids do not move. "
                               "Call it as `logits, losses = head(x, target)` in training steps.", UserWarning,
                               stacklevel=2)
-            return self.calibrate(_Scores.apply(sims, nearest).float())
+            return self.calibrate(sims.amax(-1).float())  # plain ops: traceable and exportable
+        nearest = sims.detach().argmax(-1, keepdim=True)  # (N, C, 1): each class's nearest sub-centroid
         with torch.no_grad():  # the clustering needs the prediction before the differentiable scores
             correct = self.calibrate(sims.gather(-1, nearest).squeeze(-1).float()).argmax(1) == target
         assign = self.centroids.update(z.detach(), target, correct, sims.detach())
