@@ -156,7 +156,7 @@ class Suite:
     def head(self) -> None:
         """The head's figures in two bounded parts, each in its own file: the classification head with
         the ResNet-50 step and the synchronisation check, then the per-pixel step."""
-        for name, parts, limit in (("head_overhead", "head,resnet,sync", 110), ("head_pixel", "pixel,pixel_step,cap", 70)):
+        for name, parts, limit in (("head_overhead", "head,resnet,sync", 80), ("head_pixel", "pixel,pixel_step,cap", 50)):
             argv = [sys.executable, REPO / "benchmarks" / "head_overhead.py", "--parts", parts, "--out",
                     self.out / f"{name}.json"]
             argv += ["--smoke", "--device", "cpu"] if self.args.smoke else ["--device", "cuda", "--full"]
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="results folder (default: $OUT, else WORK/out)")
     ap.add_argument("--work", default="/tmp/dnc_suite", help="scratch folder (data, runs)")
     ap.add_argument("--budget", type=float, default=540, help="seconds for the whole suite")
-    ap.add_argument("--head-reserve", type=float, default=150, help="seconds the training jobs leave for the head figures")
+    ap.add_argument("--head-reserve", type=float, default=140, help="seconds the training jobs leave for the head figures")
     ap.add_argument("--parts", default="head,protocols,evidence,twins")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the evidence runs")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run with tiny sizes")

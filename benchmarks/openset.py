@@ -144,9 +144,10 @@ def main(argv=None) -> dict:
             ood = result["ood"][str(data / "unknown")]
             runs.append({"seed": seed, "head": head, "top1": result["top1"], "unknown_images": ood["images"],
                          "scores": {k: v for k, v in ood.items() if k != "images"}})
-    summary = {"known": known, "unknown": unknown, "images": counts, "config": args.config,
-               "linear_config": args.linear_config, "overrides": args.overrides, "runs": runs}
-    (work / "openset.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(json.dumps(runs[-1]), flush=True)  # each run as it ends: a cut-off protocol keeps its figures
+            summary = {"known": known, "unknown": unknown, "images": counts, "config": args.config,
+                       "linear_config": args.linear_config, "overrides": args.overrides, "runs": runs}
+            (work / "openset.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     lines = ["| head | score | closed-set top-1 % | AUROC % | FPR at 95% TPR % |", "| --- | --- | --- | --- | --- |"]
     for head in ("dnc", "linear"):
