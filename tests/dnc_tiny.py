@@ -10,8 +10,11 @@ a resume still sees samples pushed before the stop.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -75,3 +78,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def sigterm_group_once_training(cmd: list, work: Path, start_timeout: float = 180) -> tuple:
+    """Run ``cmd`` (a ``dnc train`` into ``work``) in its own process group, send SIGTERM to the whole
+    group (as a cluster scheduler does) once the first training record is logged, and return
+    ``(returncode, stdout, stderr)``."""
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not ((work / "log.jsonl").is_file() and '"mode": "train"' in (work / "log.jsonl").read_text()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return proc.returncode, out, err

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,8 @@ import torch
 from ddp_runner import SCENARIOS, make_subcentroids, scenario_batches
 from dnc.cli import EXIT_STOPPED, main
 from dnc.engine import load_checkpoint
-from dnc_tiny import CONFIG, NUM_VAL, TINY, assert_same_training_state, free_port, one_thread, subprocess_env
+from dnc_tiny import (CONFIG, NUM_VAL, TINY, assert_same_training_state, free_port, one_thread,
+                      sigterm_group_once_training, subprocess_env)
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -172,20 +172,7 @@ def test_sigterm_to_torchrun_and_all_its_processes_saves_the_run(tmp_path):
     cmd = [_torchrun(), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
            str(free_port()), "-m", "dnc", "train", CONFIG, "--work-dir", str(work), *TINY, "train.iters=3000",
            "train.log_interval=2", "data.num_workers=1"]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not ((work / "log.jsonl").is_file() and '"mode": "train"' in (work / "log.jsonl").read_text()):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+    _, out, err = sigterm_group_once_training(cmd, work, start_timeout=240)
     assert "DataLoader worker" not in err and "dnc: error" not in err, err[-3000:]
     stop = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()][-1]
     assert stop["mode"] == "stop" and stop["reason"] == "SIGTERM", stop

@@ -7,12 +7,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import pickle
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +18,8 @@ from dnc.cli import EXIT_STOPPED, main
 from dnc.config import SchedConfig
 from dnc.engine import build_scheduler, load_checkpoint, lr_factor
 from dnc.models.classifier import Classifier
-from dnc_tiny import CONFIG, ITERS_PER_EPOCH, PYTHON, TINY, assert_same_training_state, one_thread, subprocess_env
+from dnc_tiny import (CONFIG, ITERS_PER_EPOCH, PYTHON, TINY, assert_same_training_state, one_thread,
+                      sigterm_group_once_training)
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -87,22 +84,9 @@ def test_sigterm_to_the_process_group_saves_a_resumable_checkpoint_with_loader_w
     fix, the workers died and took the run with them: "DataLoader worker exited unexpectedly", no last.pt)."""
     work = tmp_path / "run"
     long = ["train.iters=3000", "train.log_interval=2"]
-    proc = subprocess.Popen([PYTHON, "-m", "dnc", "train", CONFIG, "--work-dir", str(work), *TINY, *long,
-                             "data.num_workers=2"], env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not ((work / "log.jsonl").is_file() and '"mode": "train"' in (work / "log.jsonl").read_text()):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == EXIT_STOPPED, err
+    returncode, out, err = sigterm_group_once_training([PYTHON, "-m", "dnc", "train", CONFIG, "--work-dir", str(work),
+                                                        *TINY, *long, "data.num_workers=2"], work)
+    assert returncode == EXIT_STOPPED, err
     assert "Traceback" not in err and "error" not in err, err
     stop = records(work)[-1]
     assert stop["mode"] == "stop" and stop["reason"] == "SIGTERM", stop
