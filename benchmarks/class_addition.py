@@ -82,14 +82,13 @@ def linear_probe(config: str, ckpt: Path, overrides: list, old_root: Path, shot_
     the trained classifier) on the old classes' training images and the shot images, class-balanced."""
     from dnc.config import load_config
     from dnc.data.classification import ImageFolder
-    from dnc.data.transforms import build_cls_transform
     from dnc.engine import load_checkpoint
-    from dnc.tasks import load_trained_model
+    from dnc.tasks import cls_transform, load_trained_model
 
     cfg = load_config(config, tuple(overrides))
     dev = torch.device("cuda" if device == "cuda" or (device in (None, "auto") and torch.cuda.is_available()) else "cpu")
     model = load_trained_model(cfg, load_checkpoint(ckpt), ckpt).to(dev).eval()
-    tf = build_cls_transform(cfg.data.preset, False, cfg.data.img_size)
+    tf = cls_transform(cfg, False)  # the evaluation transform, normalised as the weights expect
     classes = old + new
     x_old, y_old = _features(model, ImageFolder(old_root / "train", tf, classes=old), dev)
     x_new, y_new = _features(model, ImageFolder(shot_dir, tf, classes=new), dev)

@@ -214,11 +214,9 @@ def _embed_loader(cfg, model, loader, device) -> tuple:
 
 def _training_embeddings(cfg, model, device) -> tuple:
     """Embeddings of the config's training split (evaluation transform) for ``--refit-old``."""
-    from .data.transforms import build_cls_transform
     from .engine import DistInfo
-    from .tasks import build_cls_split, build_eval_loader
-    d = cfg.data
-    train = build_cls_split(cfg, "train", build_cls_transform(d.preset, False, d.img_size))
+    from .tasks import build_cls_split, build_eval_loader, cls_transform, training_subset
+    train = training_subset(cfg, build_cls_split(cfg, "train", cls_transform(cfg, False)))
     return _embed_loader(cfg, model, build_eval_loader(cfg, train, DistInfo(0, 1, device)), device)
 
 
