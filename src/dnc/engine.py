@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -35,6 +36,7 @@ __all__ = ["DistInfo", "setup_distributed", "EpochSampler", "SeededDataset", "In
            "JsonLogger", "unwrap"]
 
 CHECKPOINT_FORMAT = "dnc-checkpoint"
+log_text = logging.getLogger("dnc")  # progress and warnings (the command line prints them)
 
 
 class CheckpointError(ValueError):
@@ -438,7 +440,7 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
         if info.is_main:
             shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
                               if isinstance(v, (int, float)) and not isinstance(v, bool))  # e.g. "skipped 1"
-            print(f"epoch {_epoch(state)} iter {state.it}/{total}: {shown}", flush=True)
+            log_text.info(f"epoch {_epoch(state)} iter {state.it}/{total}: {shown}")
         log(mode="val", iter=state.it, epoch=_epoch(state), **{k: v for k, v in metrics.items() if not isinstance(v, list)})
         value = metrics.get(metric_key)
         if value is not None and (state.best is None or value > state.best):
@@ -611,7 +613,7 @@ def _restore_per_process(model: nn.Module, ckpt: dict, info: DistInfo, path, log
     message = (f"{path}: saved by {saved} processes, resumed with {info.world}: every process starts from the "
                f"sub-centroid memory and random state of process 0, so the run does not continue exactly")
     if info.is_main:
-        print(f"dnc: warning: {message}", file=sys.stderr, flush=True)
+        log_text.warning(message)
     log(mode="warning", message=message)
 
 
@@ -671,7 +673,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(text)
         else:
-            print(f"epoch {epoch} iter {it}/{self.total}: {text}", flush=True)
+            log_text.info(f"epoch {epoch} iter {it}/{self.total}: {text}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -14,7 +14,7 @@ Pieces, usable on their own:
   the embedding of its nearest one (the anchor), and how many samples it wins;
 * :func:`anchor_model`, :func:`subcentroid_statistics`, :func:`explain_decisions`,
   :func:`pixel_decisions` (segmentation);
-* :func:`run_explain` and :func:`add_commands`, the command line. The pictures and the HTML page are
+* :func:`run_explain`, what ``dnc explain`` (:mod:`dnc.cli.explain`) runs. The pictures and the HTML page are
   drawn by :mod:`dnc.report`; ``dnc predict --explain`` (:mod:`dnc.predict`) reuses the anchors.
 
 The training images searched are those the model was trained on: the data selection (dataset,
@@ -44,7 +44,7 @@ from .tasks import (autocast, build_cls_split, build_eval_loader, build_eval_spl
                     load_trained_model, training_subset)
 
 __all__ = ["TopMSearch", "TrainingMatches", "search_training_set", "anchor_model", "subcentroid_statistics",
-           "explain_decisions", "Decisions", "pixel_decisions", "training_config", "run_explain", "add_commands"]
+           "explain_decisions", "Decisions", "pixel_decisions", "training_config", "run_explain"]
 
 # ============================================================================ the search and the anchors
 
@@ -446,34 +446,3 @@ def _explain_examples(cfg, anchored, records, val, raw_train, anchor_index, clas
                                  f"({items[0]['similarity']:.3f}){runner}",
                       "decided_by": [{k: v for k, v in x.items() if k != "image"} for x in items]})
     return shown
-
-# ============================================================================ command line
-
-
-def _cmd_explain(args) -> dict:
-    from .config import load_config
-    cfg = load_config(args.config, tuple(args.overrides))
-    result = run_explain(cfg, args.checkpoint, args.out_dir, args.top_m, args.examples, progress=True,
-                         config_name=str(args.config))
-    acc = result["accuracy"]
-    print(f"scored {result['evaluated']['source']}: {result['num_eval']} samples; "
-          f"top-1 original {acc['before']['top1']:.2f}%, anchored {acc['after']['top1']:.2f}% "
-          f"({acc['after']['top1'] - acc['before']['top1']:+.2f}); unused sub-centroids {result['unused']}; "
-          f"report {Path(args.out_dir) / 'index.html'}", flush=True)
-    return result
-
-
-def add_commands(subparsers) -> None:
-    """Register ``dnc explain`` on an ``argparse`` sub-parsers object."""
-    p = subparsers.add_parser("explain", help="anchor sub-centroids to training images; galleries and an HTML report")
-    p.add_argument("config", help="the config the checkpoint was trained with (YAML file)")
-    p.add_argument("checkpoint", help="a DNC classification checkpoint of dnc train (e.g. WORK_DIR/best.pt)")
-    p.add_argument("--out", dest="out_dir", required=True, metavar="DIR",
-                   help="output folder: anchored.pt, explain.json, index.html, galleries/, decisions/")
-    p.add_argument("--top-m", type=int, default=5, metavar="M",
-                   help="nearest training images kept per sub-centroid (default 5)")
-    p.add_argument("--examples", type=int, default=24, metavar="N",
-                   help="correct and wrong evaluation predictions shown in the report, each (default 24)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides; data overrides choose the evaluation set, not the training images")
-    p.set_defaults(func=_cmd_explain)

@@ -26,8 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["FORMATS", "example_inputs", "export_model", "check_export", "read_safetensors", "run_export",
-           "add_commands"]
+__all__ = ["FORMATS", "example_inputs", "export_model", "check_export", "read_safetensors", "run_export"]
 
 FORMATS = ("onnx", "torchscript", "pt2", "safetensors")
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "safetensors": ".safetensors"}
@@ -181,23 +180,3 @@ def run_export(checkpoint, fmt: str, out, atol: float = 1e-3, size: Optional[Seq
             leftover.unlink(missing_ok=True)
     return {"format": fmt, "out": str(out), "max_abs_diff": worst, "inputs": [list(x.shape) for x in inputs],
             "atol": atol}
-
-
-def _cmd_export(args) -> dict:
-    r = run_export(args.checkpoint, args.format, args.out, args.atol, args.size)
-    shapes = ", ".join("x".join(map(str, s)) for s in r["inputs"])
-    print(f"{r['format']} -> {r['out']}; largest difference from PyTorch {r['max_abs_diff']:.3g} on inputs {shapes} "
-          f"(tolerance {r['atol']:g})", flush=True)
-    return r
-
-
-def add_commands(subparsers) -> None:
-    """Register ``dnc export`` on an ``argparse`` sub-parsers object."""
-    p = subparsers.add_parser("export", help="export a checkpoint to ONNX, TorchScript, torch.export or safetensors")
-    p.add_argument("checkpoint", help="checkpoint to export (dnc train, dnc explain, dnc extend or dnc calibrate)")
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--out", required=True, metavar="FILE")
-    p.add_argument("--atol", type=float, default=1e-3, help="largest allowed difference from PyTorch (default 1e-3)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                   help="input size traced and checked (default: the config's evaluation size)")
-    p.set_defaults(func=_cmd_export)

@@ -34,7 +34,6 @@ changed shape. ``CKPT2.yaml`` beside it is that config, for ``dnc test``/``expla
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -44,8 +43,9 @@ import yaml
 from torch import nn
 
 from .centroids import kmeans_pp
+from .files import write_atomic
 
-__all__ = ["JITTER_COS", "WARN_DROP", "fit_subcentroids", "embed_files", "extend_model", "run_extend", "add_commands"]
+__all__ = ["JITTER_COS", "WARN_DROP", "fit_subcentroids", "embed_files", "extend_model", "run_extend"]
 
 JITTER_COS = 0.998
 WARN_DROP = 5.0
@@ -220,22 +220,10 @@ def _training_embeddings(cfg, model, device) -> tuple:
     return _embed_loader(cfg, model, build_eval_loader(cfg, train, DistInfo(0, 1, device)), device)
 
 
-def _parse_add(items: Sequence[str]) -> dict:
-    added = {}
-    for item in items or []:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            raise ValueError(f"--add {item!r}: expected NAME=DIR")
-        if name in added:
-            raise ValueError(f"--add {name}: given twice")
-        added[name] = folder
-    return added
-
-
-def run_extend(cfg, checkpoint, add: Sequence[str], remove: Sequence[str], out, val: bool = False,
+def run_extend(cfg, checkpoint, folders: dict, remove: Sequence[str], out, val: bool = False,
                device: str = "auto", refit_old: bool = False) -> dict:
-    """``dnc extend``: writes ``out`` (checkpoint) and ``out`` with suffix ``.yaml`` (its config);
-    returns a summary (classes, images per added class, and with ``val`` the old-class check)."""
+    """``dnc extend``: adds a class ``name`` from the images under each ``folders[name]``, drops the classes
+    ``remove``; writes ``out`` (checkpoint) and ``out`` with suffix ``.yaml`` (its config); returns a summary (classes, images per added class, and with ``val`` the old-class check)."""
     from .config import to_dict
     from .engine import load_checkpoint, save_checkpoint, setup_distributed
     from .ood import list_images
@@ -243,7 +231,6 @@ def run_extend(cfg, checkpoint, add: Sequence[str], remove: Sequence[str], out, 
 
     if cfg.task != "classification" or cfg.model.head != "dnc":
         raise ValueError(f"dnc extend needs a DNC classifier (this config: {cfg.task}, {cfg.model.head} head)")
-    folders = _parse_add(add)
     if not folders and not remove:
         raise ValueError("dnc extend: nothing to do; give --add NAME=DIR or --remove NAME")
     out = Path(out)
@@ -280,48 +267,6 @@ def run_extend(cfg, checkpoint, add: Sequence[str], remove: Sequence[str], out, 
     config_path = out.with_suffix(".yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, state)
-    from .cli import _write_atomic
-    _write_atomic(config_path, yaml.safe_dump(to_dict(cfg2), sort_keys=False).encode())
+    write_atomic(config_path, yaml.safe_dump(to_dict(cfg2), sort_keys=False).encode())
     summary["config"] = str(config_path)
     return summary
-
-
-def _cmd_extend(args) -> dict:
-    from .config import load_config
-    cfg = load_config(args.config, tuple(args.overrides))
-    s = run_extend(cfg, args.checkpoint, args.add, args.remove, args.out, args.val, args.device, args.refit_old)
-    added = ", ".join(f"{n} ({c} images)" for n, c in s["added"].items()) or "none"
-    print(f"{len(s['classes'])} classes; added {added}; removed {', '.join(s['removed']) or 'none'} -> {args.out} "
-          f"(config {s['config']}; its data.root must hold every class to test or train on it)", flush=True)
-    v = s.get("old_classes")
-    if v:
-        line = (f"old classes on the validation split ({v['images']} images): top-1 {v['top1_before']:.2f}% before, "
-                f"{v['top1_after']:.2f}% after; {v['taken_by_new']:.2f}% now predicted as a new class; "
-                f"mean cosine to their own class {v['cos_own']:.3f}")
-        print(line + (f", to the nearest new class {v['cos_new']:.3f}" if "cos_new" in v else ""), flush=True)
-        drop = v["top1_before"] - v["top1_after"]
-        if drop > WARN_DROP:
-            print(f"dnc: warning: adding classes costs the old classes {drop:.1f} points: their images lie closer to "
-                  "the new sub-centroids than to their own (stale sub-centroids of an under-trained embedding?); "
-                  f"re-fit them with --refit-old, or continue training: dnc train {s['config']} --resume {args.out} "
-                  "train.iters=...", file=sys.stderr, flush=True)
-    return s
-
-
-def add_commands(subparsers) -> None:
-    """Register ``dnc extend`` on an ``argparse`` sub-parsers object."""
-    p = subparsers.add_parser("extend", help="add classes from a few images or remove classes, without retraining")
-    p.add_argument("config", help="YAML config of the model (a file, or a path inside the shipped configs)")
-    p.add_argument("checkpoint", help="checkpoint whose classes change (dnc train, dnc explain or dnc extend)")
-    p.add_argument("--add", action="append", default=[], metavar="NAME=DIR",
-                   help="a new class and the folder of its images (any tree)")
-    p.add_argument("--remove", action="append", default=[], metavar="NAME", help="a class to drop")
-    p.add_argument("--out", required=True, metavar="CKPT2", help="the extended checkpoint (.pt); its config goes to CKPT2.yaml")
-    p.add_argument("--val", action="store_true",
-                   help="print the old classes' validation accuracy before and after (the config's val split)")
-    p.add_argument("--refit-old", action="store_true",
-                   help="also re-fit the old classes' sub-centroids on the current embeddings of the config's "
-                        "training split (prevents the collapse of stale old classes; changes them)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.set_defaults(func=_cmd_extend)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["SCORES", "default_score", "image_scores", "score_loader", "pixel_scores", "auroc", "threshold_at_tpr",
            "fpr_at_tpr", "list_images", "ImageList", "ood_report", "calibrate",
-           "apply_threshold", "add_commands"]
+           "apply_threshold"]
 
 # The scores each head offers, the first being the default (higher = more like a known class).
 SCORES = {"dnc": ("cosine", "msp", "energy"), "linear": ("msp", "energy")}
@@ -264,28 +264,6 @@ def apply_threshold(scores: dict, ckpt: dict) -> Optional[list]:
         raise ValueError(f"the checkpoint is calibrated on the {kind!r} score, which this model does not give")
     return [{"unknown": bool(s < t), "score": round(float(s), 6), "threshold": round(t, 6), "kind": kind}
             for s in scores[kind].float().cpu().tolist()]
-
-
-def _cmd_calibrate(args) -> dict:
-    from .config import load_config
-    cfg = load_config(args.config, tuple(args.overrides))
-    ood = calibrate(cfg, args.checkpoint, args.out, args.tpr, args.score, args.device)
-    print(f"{ood['score']} threshold {ood['threshold']:.6f} keeps {100 * ood['kept']:.2f}% of "
-          f"{ood['val_images']} validation images -> {args.out}", flush=True)
-    return ood
-
-
-def add_commands(subparsers) -> None:
-    """Register ``dnc calibrate`` on an ``argparse`` sub-parsers object."""
-    p = subparsers.add_parser("calibrate", help="store an open-set threshold in a checkpoint (predict says 'unknown' below it)")
-    p.add_argument("config", help="YAML config of the model (a file, or a path inside the shipped configs)")
-    p.add_argument("checkpoint", help="checkpoint to calibrate (dnc train or dnc explain)")
-    p.add_argument("--out", required=True, metavar="CKPT2", help="the calibrated checkpoint to write")
-    p.add_argument("--tpr", type=float, default=0.95, help="fraction of validation images kept (default 0.95)")
-    p.add_argument("--score", default=None, help="cosine (DNC, default), msp or energy (linear default: msp)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.set_defaults(func=_cmd_calibrate)
 
 
 def verdict_text(v: dict) -> str:

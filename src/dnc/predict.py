@@ -20,7 +20,7 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from .ood import apply_threshold, image_scores, pixel_scores, save_score_map, ve
 from .report import palette, render_decision, render_segmentation
 from .tasks import build_cls_split, checkpoint_config, eval_transform, load_trained_model, training_subset
 
-__all__ = ["find_images", "run_predict", "write_records", "add_commands"]
+__all__ = ["find_images", "run_predict", "write_records"]
 
 _GLOB = re.compile(r"[*?\[]")
 
@@ -140,9 +140,10 @@ def _anchors(cfg, ckpt: dict, checkpoint):
 
 
 def run_predict(checkpoint, inputs: Sequence[str], explain: bool = False, pictures=None, topk: int = 5,
-                device: str = "auto", batch_size: int = 0, out=None, tile: int = 96, quiet: bool = False) -> list:
-    """``dnc predict``: one record per image of ``inputs`` (see :func:`find_images`), printed unless
-    ``quiet`` and written to ``out`` (``.json`` or ``.csv``) when given; returns the records.
+                device: str = "auto", batch_size: int = 0, out=None, tile: int = 96,
+                report: Optional[Callable[[str], None]] = None) -> list:
+    """``dnc predict``: one record per image of ``inputs`` (see :func:`find_images`), its line of text
+    passed to ``report`` (e.g. ``print``) as soon as it is made, and written to ``out`` (``.json`` or ``.csv``) when given; returns the records.
 
     ``pictures`` is the folder of the pictures (default ``predictions``); ``batch_size`` 0 takes the
     config's evaluation batch size (segmentation: one image at a time, each at its own size).
@@ -183,9 +184,9 @@ def run_predict(checkpoint, inputs: Sequence[str], explain: bool = False, pictur
                 recs = _classify(cfg, model, x, [paths[i] for i in index], classes, topk, anchors, name, tile,
                                  ckpt if ckpt.get("ood") else None)
             for r in recs:
-                if not quiet:
-                    print(r.pop("_line"), flush=True)
-                r.pop("_line", None)
+                line = r.pop("_line")
+                if report is not None:
+                    report(line)
             records += recs
     order = {p: i for i, p in enumerate(paths)}
     records.sort(key=lambda r: order[r["path"]])  # back to input order (batches are grouped by image size)
@@ -279,27 +280,3 @@ def _segment(cfg, model: nn.Module, x: torch.Tensor, path: str, classes, topk: i
         rec["picture"] = str(file)
         rec["_line"] += f"\n  class and sub-centroid maps -> {file}"
     return rec
-
-
-def _cmd_predict(args) -> list:
-    return run_predict(args.checkpoint, args.images, args.explain, args.pictures, args.topk, args.device,
-                       args.batch_size, args.out)
-
-
-def add_commands(subparsers) -> None:
-    """Register ``dnc predict`` on an ``argparse`` sub-parsers object."""
-    p = subparsers.add_parser("predict", help="classify or segment images, folders and globs with a checkpoint")
-    p.add_argument("checkpoint", help="a checkpoint of dnc train, or DIR/anchored.pt of dnc explain (for --explain)")
-    p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files, folders (searched recursively) or quoted glob patterns such as 'shots/**/*.jpg'")
-    p.add_argument("--out", metavar="FILE", help="write one record per image: FILE.json (a list) or FILE.csv")
-    p.add_argument("--explain", action="store_true",
-                   help="a picture per image with the deciding training images (classification; needs DIR/anchored.pt "
-                        "of dnc explain) or the map of winning sub-centroids (segmentation)")
-    p.add_argument("--pictures", metavar="DIR", default=None,
-                   help="folder of the pictures, named <image stem>_<predicted class>.png (default: predictions)")
-    p.add_argument("--topk", type=int, default=5, metavar="K", help="top classes per image (default 5)")
-    p.add_argument("--batch-size", type=int, default=0, metavar="B",
-                   help="images per forward pass (default: the config's evaluation batch size)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.set_defaults(func=_cmd_predict)

@@ -1,0 +1,168 @@
+"""A training run and a test run from a config: what ``dnc train`` and ``dnc test`` do, with plain arguments.
+
+* :func:`train`: a new run in a fresh work dir, or the continuation of one (``resume``), its config and
+  ``metrics.json`` written by process 0;
+* :func:`test`: score a checkpoint on a split of the data root (per-class figures, open-set scores with
+  ``ood``, per-sample predictions written to ``out``).
+
+Messages go to the ``dnc`` logger (the command line prints them).
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import yaml
+
+from .files import write_atomic, write_json
+
+__all__ = ["RUN_FILES", "seed_everything", "set_threads", "check_same_run", "fresh_work_dir", "train", "test"]
+
+log = logging.getLogger("dnc")
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.json", "log.jsonl")
+_SAME_RUN = ("task", "model.backbone", "model.head", "data.dataset", "data.num_classes")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def set_threads(n: int) -> None:
+    """``train.threads``: the number of torch threads on the CPU (0: torch's default)."""
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def check_same_run(cfg, saved: dict, path: str, config: str) -> None:
+    """A checkpoint to resume must be one of the run that ``config`` describes (same task, model, data)."""
+    from .config import to_dict
+    from .engine import CheckpointError
+    ours = to_dict(cfg)
+    for key in _SAME_RUN:
+        a, b = ours, saved
+        for part in key.split("."):
+            a, b = a.get(part), (b or {}).get(part)
+        if a != b:
+            raise CheckpointError(f"{path}: a checkpoint of another run ({key} is {b!r} there, {a!r} in {config})")
+
+
+def fresh_work_dir(work_dir: Path, force: bool) -> None:
+    """Refuse to start a run over another one's outputs, unless ``force`` (which removes them)."""
+    found = [n for n in RUN_FILES[:3] if (work_dir / n).exists()]
+    if found and not force:
+        raise FileExistsError(f"{work_dir} already holds a run ({', '.join(found)}): continue it with --resume, "
+                              f"or pass --force to start over (its files are replaced)")
+
+
+def _prepare_work_dir(cfg, work_dir: Path, resume: Optional[str], notes: Sequence[str]) -> None:
+    """Process 0: create the work dir, clear a replaced run's files, write the run's ``config.yaml``."""
+    from .config import to_dict
+    from .files import remove_stale_temporaries
+    work_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(work_dir)
+    if not resume:
+        for name in RUN_FILES:
+            (work_dir / name).unlink(missing_ok=True)
+    for note in notes:
+        log.warning(note)
+    write_atomic(work_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+
+
+def train(config: str, overrides: Sequence[str] = (), work_dir=None, resume: Optional[str] = None,
+          force: bool = False) -> tuple:
+    """Train the model of ``config`` (a YAML path) with ``key=value`` ``overrides`` in ``work_dir``
+    (default ``work_dirs/<config name>``). ``resume``: a checkpoint to continue from (``"auto"``:
+    ``WORK_DIR/last.pt``), with the config it was started with; ``force``: start over in a work dir
+    that holds a run. Returns ``(metrics, work_dir, DistInfo)``; the metrics of a stopped run are
+    ``{"stopped": True, "iter", "reason"}``."""
+    from . import engine
+    from .config import load_config, resume_config
+    from .tasks import build_datasets, build_eval_loader, build_model, collate_fn, evaluate, init_centroids_from_data, metric_key
+
+    # Resuming, the run's config is the checkpoint's (checked below); the overrides are checked against it.
+    cfg = load_config(config, tuple(overrides), validate=not resume)
+    work_dir = Path(work_dir or Path("work_dirs") / Path(config).stem)
+    ckpt, notes = None, []
+    if resume == "auto":
+        resume = str(work_dir / "last.pt")
+    if resume:  # continue the run as it was started: its config is the checkpoint's
+        ckpt = engine.load_resumable(resume)
+        if Path(resume).resolve().parent != work_dir.resolve():  # a checkpoint from elsewhere: the run of CONFIG?
+            check_same_run(cfg, ckpt["config"], resume, config)
+        cfg, notes = resume_config(ckpt["config"], tuple(overrides), resume)
+    else:
+        fresh_work_dir(work_dir, force)
+    info = engine.setup_distributed(cfg.train.device)
+    set_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic)
+    datasets, classes = build_datasets(cfg)
+    if info.is_main:
+        _prepare_work_dir(cfg, work_dir, resume, notes)
+    model = build_model(cfg)
+    train_loader = engine.make_loader(datasets["train"], cfg.data.batch_size, True, info, cfg.train.seed,
+                                      cfg.data.num_workers, collate_fn(cfg), on_bad=cfg.data.on_bad_sample)
+    val_loader = build_eval_loader(cfg, datasets["val"], info)
+    metrics = engine.train_loop(
+        cfg, model, train_loader, info, work_dir,
+        evaluate=lambda m: evaluate(cfg, m, val_loader, info), metric_key=metric_key(cfg), resume=resume,
+        classes=classes, before_training=lambda m: init_centroids_from_data(cfg, m, datasets["train"], info),
+        resume_state=ckpt)
+    if info.is_main and not metrics.get("stopped"):
+        write_json(work_dir / "metrics.json", metrics)
+    return metrics, work_dir, info
+
+
+def _check_metrics(cfg, metrics: Optional[Sequence[str]]) -> None:
+    from .config import ConfigError
+    valid = {"classification": {"accuracy"}, "segmentation": {"mIoU"}}[cfg.task]
+    for m in metrics or []:
+        if m not in valid:
+            raise ConfigError(f"--metrics {m!r} is not available for {cfg.task}; valid choices: {', '.join(sorted(valid))}")
+
+
+def test(config: Optional[str], checkpoint: str, overrides: Sequence[str] = (), split: str = "val",
+         metrics: Optional[Sequence[str]] = None, ood: Optional[Sequence[str]] = None, out=None) -> tuple:
+    """Score ``checkpoint`` on ``split`` (its saved config, or ``config`` when given, with ``overrides``).
+    ``ood``: folders of images of no known class (open-set scores); ``out``: a ``.json`` or ``.pkl``
+    file for the metrics and per-sample predictions. Returns ``(cfg, result, classes, DistInfo)``."""
+    from .config import ConfigError, load_config
+    from .engine import load_checkpoint, setup_distributed
+    from .tasks import build_eval_loader, build_eval_split, check_classes, checkpoint_config, evaluate, load_trained_model
+
+    if out and Path(out).suffix not in (".json", ".pkl"):
+        raise ConfigError(f"--out {out}: use a .json or .pkl file")
+    ckpt = load_checkpoint(checkpoint)
+    cfg = load_config(config, tuple(overrides)) if config else checkpoint_config(ckpt, checkpoint, overrides)
+    _check_metrics(cfg, metrics)
+    info = setup_distributed(cfg.train.device)
+    set_threads(cfg.train.threads)
+    model = load_trained_model(cfg, ckpt, checkpoint)
+    dataset, evaluated = build_eval_split(cfg, split)
+    classes = list(getattr(dataset, "classes", []))
+    check_classes(ckpt.get("classes"), classes, checkpoint)
+    if info.is_main:
+        log.info(f"scoring {checkpoint} on {evaluated['source']}: {evaluated['samples']} samples")
+    loader = build_eval_loader(cfg, dataset, info)
+    scores = None
+    if ood:
+        from .ood import ood_report
+        scores = ood_report(cfg, model.to(info.device), loader, ood, info.device)
+    result = evaluate(cfg, model.to(info.device), loader, info, predictions=bool(out), details=True, progress=True)
+    result = {"evaluated": evaluated, **result, **({"ood": scores} if scores is not None else {})}
+    if info.is_main and out:
+        payload = {"config": str(config) if config else None, "checkpoint": str(checkpoint), "classes": classes,
+                   **result}
+        if Path(out).suffix == ".pkl":
+            write_atomic(Path(out), pickle.dumps(payload))
+        else:
+            write_json(Path(out), payload)
+    return cfg, result, classes, info
