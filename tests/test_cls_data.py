@@ -215,7 +215,7 @@ def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path, dtype, ext):
     path = tmp_path / f"img16.{ext}"
     Image.fromarray(values.astype(dtype)).save(path)
     assert Image.open(path).mode.startswith("I")
-    from dnc.data.classification import read_rgb
+    from dnc.data.images import read_rgb
     rgb = np.asarray(read_rgb(path))
     assert rgb.dtype == np.uint8 and rgb.shape == (2, 3, 3)
     assert rgb[..., 0].tolist() == [[0, 1, 128], [255, 4, 50]] and (rgb[..., 0] == rgb[..., 2]).all()

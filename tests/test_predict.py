@@ -13,7 +13,7 @@ from dnc.cli import main
 from dnc.config import load_config, to_dict
 from dnc.data.classification import Digits
 from dnc.engine import save_checkpoint
-from dnc.predict import find_images
+from dnc.data.images import find_images
 from dnc_tiny import CONFIG, TINY, one_thread
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)

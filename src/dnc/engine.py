@@ -31,7 +31,7 @@ from .config import Config, to_dict
 from .files import atomic_write, remove_stale_temporaries
 
 __all__ = ["DistInfo", "setup_distributed", "EpochSampler", "SeededDataset", "IndexedCollate", "make_loader",
-           "build_optimizer", "build_scheduler", "save_checkpoint", "load_checkpoint", "load_resumable",
+           "check_one_process", "setup_one_process", "build_optimizer", "build_scheduler", "save_checkpoint", "load_checkpoint", "load_resumable",
            "ignore_stop_signals", "CheckpointError", "TrainingError", "train_loop",
            "JsonLogger", "unwrap"]
 
@@ -74,6 +74,18 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     return DistInfo(rank, world, dev)
+
+
+def check_one_process(command: str) -> None:
+    """Raise ``ValueError`` when started as one of several processes (torchrun): ``command`` runs in one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (dist.is_initialized() and dist.get_world_size() > 1):
+        raise ValueError(f"{command} runs in one process; start it without torchrun")
+
+
+def setup_one_process(command: str, device: str = "auto") -> DistInfo:
+    """:func:`setup_distributed` for a command that runs in one process (:func:`check_one_process`)."""
+    check_one_process(command)
+    return setup_distributed(device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

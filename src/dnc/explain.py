@@ -34,13 +34,15 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .config import Config, from_dict, to_dict
-from .engine import load_checkpoint, save_checkpoint, setup_distributed, unwrap
+from .data.images import sample_name
+from .embedding import embed_batches, head_of
+from .engine import DistInfo, load_checkpoint, make_loader, save_checkpoint, setup_one_process, unwrap
 from .files import write_json
 from .report import render_decision, render_gallery, write_report
-from .tasks import (autocast, build_cls_split, build_eval_loader, build_eval_split, cls_transform, evaluate,
+from .tasks import (build_cls_split, build_eval_loader, build_eval_split, cls_transform, evaluate,
                     load_trained_model, training_subset)
 
 __all__ = ["TopMSearch", "TrainingMatches", "search_training_set", "anchor_model", "subcentroid_statistics",
@@ -128,57 +130,22 @@ class TopMSearch:
                                self.anchor_z.view(c, k, d), self.wins.view(c, k), self.counts)
 
 
-class _Indexed(Dataset):
-    """``(image, label, index)`` samples of a dataset (``None`` stays ``None``: a skipped file)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        sample = self.dataset[index]
-        return None if sample is None else (sample[0], sample[1], index)
-
-
-def _collate_indexed(batch):
-    from .data.classification import collate
-    kept = [s for s in batch if s is not None]
-    images, labels, _ = collate([(img, y) for img, y, _ in kept])
-    return images, labels, torch.tensor([i for _, _, i in kept], dtype=torch.long)
-
-
-def _head(model: nn.Module) -> nn.Module:
-    net = unwrap(model)
-    return net.head_module() if hasattr(net, "head_module") else net.head
-
-
-@torch.no_grad()
 def search_training_set(model: nn.Module, dataset: Dataset, m: int = 5, batch_size: int = 256,
-                        num_workers: int = 0, device: Optional[torch.device] = None, autocast=None,
+                        num_workers: int = 0, device: Optional[torch.device] = None,
                         progress: bool = True) -> TrainingMatches:
-    """Embed ``dataset`` (give it its *evaluation* transform) and run :class:`TopMSearch` over it.
-
-    ``model`` is a classifier with ``embeddings(images)`` and a DNC head; ``autocast`` an optional
-    context manager factory used around the forward (as in evaluation).
-    """
-    from contextlib import nullcontext
-
+    """Embed ``dataset`` (give it its *evaluation* transform; :func:`~dnc.embedding.embed_batches`, fp32)
+    and run :class:`TopMSearch` over it. ``model`` is a classifier with ``embeddings(images)`` and a DNC head."""
     from tqdm import tqdm
 
+    from .data.classification import collate
     net = unwrap(model).eval()
     device = device or next(net.parameters()).device
-    search = TopMSearch(_head(net).centroids.centroids.to(device), m)
-    loader = DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate_indexed)
-    for images, labels, index in tqdm(loader, desc="embedding the training set", unit="batch", leave=False,
-                                      dynamic_ncols=True, disable=not progress):
-        if not len(labels):
-            continue
-        with (autocast() if autocast is not None else nullcontext()):
-            z, _ = net.embeddings(images.to(device))
-        search.update(z.float(), labels.to(device), index.to(device))
+    search = TopMSearch(head_of(net).centroids.centroids.to(device), m)
+    loader = make_loader(dataset, batch_size, False, DistInfo(0, 1, device), 0, num_workers, collate)
+    batches = tqdm(loader, desc="embedding the training set", unit="batch", leave=False, dynamic_ncols=True,
+                   disable=not progress)
+    for z, labels, (_, index) in embed_batches(net, batches, device):
+        search.update(z, labels, index.to(device))
     return search.result()
 
 
@@ -186,7 +153,7 @@ def anchor_model(model: nn.Module, matches: TrainingMatches) -> nn.Module:
     """A copy of ``model`` whose every sub-centroid is the embedding of its nearest training sample of
     its class. A sub-centroid of a class without training samples is left as it was."""
     anchored = copy.deepcopy(unwrap(model))
-    sub = _head(anchored).centroids
+    sub = head_of(anchored).centroids
     p = sub.centroids
     sub.centroids = torch.where(matches.found[..., None].to(p.device), matches.anchor_z.to(p), p)
     return anchored
@@ -239,7 +206,7 @@ class Decisions:
 def explain_decisions(model: nn.Module, images: torch.Tensor, topk: int = 2) -> Decisions:
     """Top classes of a DNC classifier for ``images`` and the sub-centroid behind each class score."""
     net = unwrap(model).eval()
-    head = _head(net)
+    head = head_of(net)
     z, _ = net.embeddings(images)
     best, which = head.centroids.similarities(z).float().max(-1)  # (N, C): class score, its sub-centroid
     logits = head.calibrate(best)
@@ -259,7 +226,7 @@ def pixel_decisions(model: nn.Module, images: torch.Tensor, out_size: Sequence[i
     Returns ``classes``, ``subcentroid`` (int64) and ``similarity`` (float), each ``(B, H, W)``.
     """
     net = unwrap(model).eval()
-    head = _head(net)
+    head = head_of(net)
     captured = []
     hook = net.head.register_forward_hook(lambda module, args, output: captured.append(args[0]))
     try:
@@ -287,8 +254,7 @@ def pixel_decisions(model: nn.Module, images: torch.Tensor, out_size: Sequence[i
 
 
 def _sample_name(dataset, index: int) -> str:
-    name = getattr(dataset, "sample_name", None)
-    return (name(index) if name is not None else None) or f"#{index}"
+    return sample_name(dataset, index) or f"#{index}"
 
 
 def _require_dnc(task: str, head: str, path) -> None:
@@ -331,9 +297,7 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
     _require_dnc(cfg.task, cfg.model.head, checkpoint)
     if examples < 0:
         raise ValueError(f"--examples must be >= 0, got {examples}")
-    info = setup_distributed(cfg.train.device)
-    if info.world > 1:
-        raise ValueError("dnc explain runs in one process; start it without torchrun")
+    info = setup_one_process("dnc explain", cfg.train.device)
     ckpt = load_checkpoint(checkpoint)
     saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     _require_dnc(saved.get("task", cfg.task), saved.get("model", {}).get("head", cfg.model.head), checkpoint)
@@ -347,11 +311,10 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
     train = training_subset(train_cfg, build_cls_split(train_cfg, "train", cls_transform(train_cfg, False)))
     classes = list(train.classes)
     batch = d.eval_batch_size or d.batch_size
-    matches = search_training_set(model, train, top_m, batch, d.num_workers, info.device,
-                                  lambda: autocast(cfg, info.device), progress)
+    matches = search_training_set(model, train, top_m, batch, d.num_workers, info.device, progress)
     anchored = anchor_model(model, matches).to(info.device).eval()
-    before_p = _head(model).centroids.centroids.detach()
-    after_p = _head(anchored).centroids.centroids.detach()
+    before_p = head_of(model).centroids.centroids.detach()
+    after_p = head_of(anchored).centroids.centroids.detach()
     stats = subcentroid_statistics(before_p, matches, after_p)
 
     val, evaluated = build_eval_split(cfg, "val")

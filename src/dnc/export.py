@@ -33,13 +33,12 @@ _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "safetensors": 
 
 
 def _input_size(cfg, size: Optional[Sequence[int]]) -> tuple:
+    """``size``, else the config's evaluation input size (:func:`~dnc.tasks.input_size`); images of any
+    size (preset ``none``) are traced at 224 x 224."""
+    from .tasks import input_size
     if size:
         return tuple(int(s) for s in size)
-    d = cfg.data
-    if cfg.task == "segmentation":
-        return tuple(d.eval_crop or d.crop_size)
-    side = d.img_size or {"digits": 8, "cifar": 32}.get(d.preset, 224)
-    return side, side
+    return input_size(cfg) or (224, 224)
 
 
 def example_inputs(cfg, size: Optional[Sequence[int]] = None, seed: int = 0) -> list:

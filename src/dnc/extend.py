@@ -43,6 +43,7 @@ import yaml
 from torch import nn
 
 from .centroids import kmeans_pp
+from .embedding import embed, head_of
 from .files import write_atomic
 
 __all__ = ["JITTER_COS", "WARN_DROP", "fit_subcentroids", "embed_files", "extend_model", "run_extend"]
@@ -72,29 +73,21 @@ def fit_subcentroids(z: torch.Tensor, groups: torch.Tensor, num_groups: int, k: 
     return F.normalize(torch.where(dup[..., None], jittered, centers), dim=-1)
 
 
-@torch.no_grad()
 def embed_files(cfg, model: nn.Module, files: Sequence[str], device: torch.device) -> torch.Tensor:
     """Unit embeddings ``(N, D)`` of image files with the frozen model (evaluation transform)."""
     from torch.utils.data import DataLoader
 
     from .data.classification import collate
-    from .ood import ImageList
+    from .data.images import ImageList
     from .tasks import eval_transform
-    from .tasks import autocast
     loader = DataLoader(ImageList(files, eval_transform(cfg)), batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
                         num_workers=cfg.data.num_workers, collate_fn=collate)
-    model.eval()
-    out = []
-    for images, *_ in loader:
-        with autocast(cfg, device):
-            z, _ = model.embeddings(images.to(device))
-        out.append(z.float())
-    return torch.cat(out)
+    return embed(model, loader, device)[0]
 
 
 def _head_prefix(model: nn.Module) -> tuple:
     """``(head, "name.of.head.")`` of a classifier's DNC head."""
-    head = model.head_module()
+    head = head_of(model)
     name = next(n for n, m in model.named_modules() if m is head)
     return head, (name + "." if name else "")
 
@@ -171,14 +164,13 @@ def extend_model(cfg, model: nn.Module, classes: Sequence[str], added: dict, rem
 
 def _old_class_check(cfg, model, model2, classes, classes2, added, device) -> dict:
     """Accuracy of the kept old classes on the config's validation split, before and after."""
-    from .ood import score_loader
     from .engine import DistInfo
-    from .tasks import autocast, build_datasets, build_eval_loader
+    from .ood import score_loader
+    from .tasks import build_datasets, build_eval_loader
     val = build_datasets(cfg, ("val",))[0]["val"]
     loader = build_eval_loader(cfg, val, DistInfo(0, 1, device))
-    amp = lambda: autocast(cfg, device)  # noqa: E731
-    _, labels, before = score_loader(model, loader, device, amp)
-    _, _, after = score_loader(model2, loader, device, amp)
+    _, labels, before = score_loader(model, loader, device)
+    _, _, after = score_loader(model2, loader, device)
     to_new = torch.tensor([classes2.index(c) if c in classes2 else -1 for c in classes])
     new_label = to_new[labels]
     kept = new_label >= 0
@@ -186,8 +178,8 @@ def _old_class_check(cfg, model, model2, classes, classes2, added, device) -> di
     if not n:
         return {}
     first_new = len(classes2) - len(added)
-    z = _embed_loader(cfg, model2, loader, device)[0][kept]
-    sims = model2.head_module().centroids.similarities(z).float().amax(-1)  # (N, C2)
+    z = embed(model2, loader, device)[0][kept.to(device)]
+    sims = head_of(model2).centroids.similarities(z).float().amax(-1)  # (N, C2)
     own = sims.gather(1, new_label[kept][:, None].to(sims.device)).squeeze(1)
     out = {"images": n,
            "top1_before": round(100 * float((to_new[before[kept]] == new_label[kept]).double().mean()), 4),
@@ -199,25 +191,12 @@ def _old_class_check(cfg, model, model2, classes, classes2, added, device) -> di
     return out
 
 
-@torch.no_grad()
-def _embed_loader(cfg, model, loader, device) -> tuple:
-    """Unit embeddings and labels of a classification loader."""
-    from .tasks import autocast
-    zs, ys = [], []
-    for images, targets, *_ in loader:
-        if len(targets):
-            with autocast(cfg, device):
-                zs.append(model.embeddings(images.to(device))[0].float())
-            ys.append(targets.to(device))
-    return torch.cat(zs), torch.cat(ys)
-
-
 def _training_embeddings(cfg, model, device) -> tuple:
     """Embeddings of the config's training split (evaluation transform) for ``--refit-old``."""
     from .engine import DistInfo
     from .tasks import build_cls_split, build_eval_loader, cls_transform, training_subset
     train = training_subset(cfg, build_cls_split(cfg, "train", cls_transform(cfg, False)))
-    return _embed_loader(cfg, model, build_eval_loader(cfg, train, DistInfo(0, 1, device)), device)
+    return embed(model, build_eval_loader(cfg, train, DistInfo(0, 1, device)), device)
 
 
 def run_extend(cfg, checkpoint, folders: dict, remove: Sequence[str], out, val: bool = False,
@@ -225,8 +204,8 @@ def run_extend(cfg, checkpoint, folders: dict, remove: Sequence[str], out, val: 
     """``dnc extend``: adds a class ``name`` from the images under each ``folders[name]``, drops the classes
     ``remove``; writes ``out`` (checkpoint) and ``out`` with suffix ``.yaml`` (its config); returns a summary (classes, images per added class, and with ``val`` the old-class check)."""
     from .config import to_dict
-    from .engine import load_checkpoint, save_checkpoint, setup_distributed
-    from .ood import list_images
+    from .data.images import list_images
+    from .engine import load_checkpoint, save_checkpoint, setup_one_process
     from .tasks import load_trained_model
 
     if cfg.task != "classification" or cfg.model.head != "dnc":
@@ -239,9 +218,7 @@ def run_extend(cfg, checkpoint, folders: dict, remove: Sequence[str], out, val: 
     if out.resolve() == Path(checkpoint).resolve():
         raise ValueError(f"--out {out}: write the extended checkpoint to a new file, not over {checkpoint}")
     files = {name: list_images(folder) for name, folder in folders.items()}  # every folder checked first
-    info = setup_distributed(device if device != "auto" else cfg.train.device)
-    if info.world > 1:
-        raise ValueError("dnc extend runs in one process; start it without torchrun")
+    info = setup_one_process("dnc extend", device if device != "auto" else cfg.train.device)
     ckpt = load_checkpoint(checkpoint)
     model = load_trained_model(cfg, ckpt, checkpoint).to(info.device).eval()
     classes = list(ckpt.get("classes") or [str(i) for i in range(cfg.data.num_classes)])

@@ -24,10 +24,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+
+from .embedding import head_of
 
 __all__ = ["SCORES", "default_score", "image_scores", "score_loader", "pixel_scores", "auroc", "threshold_at_tpr",
-           "fpr_at_tpr", "list_images", "ImageList", "ood_report", "calibrate",
+           "fpr_at_tpr", "ood_report", "calibrate",
            "apply_threshold"]
 
 # The scores each head offers, the first being the default (higher = more like a known class).
@@ -36,10 +38,6 @@ SCORES = {"dnc": ("cosine", "msp", "energy"), "linear": ("msp", "energy")}
 
 def default_score(head: str) -> str:
     return SCORES[head][0]
-
-
-def _head(net: nn.Module) -> nn.Module:
-    return net.head_module() if hasattr(net, "head_module") else net.head
 
 
 def _logit_scores(logits: torch.Tensor) -> dict:
@@ -51,7 +49,7 @@ def _logit_scores(logits: torch.Tensor) -> dict:
 def image_scores(model: nn.Module, images: torch.Tensor) -> tuple:
     """``(logits (N, C), {kind: (N,)})`` of a classifier: ``msp`` and ``energy`` of the logits and,
     for a DNC head, ``cosine``, the max over classes and sub-centroids of ``<z, p(c, k)>``."""
-    head = _head(model)
+    head = head_of(model)
     feats = model.features(images)
     if not hasattr(head, "centroids"):
         logits = head(feats).float()
@@ -63,16 +61,15 @@ def image_scores(model: nn.Module, images: torch.Tensor) -> tuple:
 
 
 @torch.no_grad()
-def score_loader(model: nn.Module, loader, device: torch.device, autocast=None) -> tuple:
+def score_loader(model: nn.Module, loader, device: torch.device) -> tuple:
     """Scores of every sample of a classification loader: ``({kind: (N,)}, labels (N,), preds (N,))``
-    on the CPU, in loader order. ``autocast`` is an optional context factory around the forward."""
-    from contextlib import nullcontext
+    on the CPU, in loader order; in fp32 like ``dnc predict`` (:func:`image_scores`)."""
     model.eval()
     parts, labels, preds = {}, [], []
     for images, targets, *_ in loader:
         if not len(targets):
             continue
-        with (autocast() if autocast is not None else nullcontext()):
+        with torch.autocast(device.type, enabled=False):
             logits, scores = image_scores(model, images.to(device))
         for k, v in scores.items():
             parts.setdefault(k, []).append(v.float().cpu())
@@ -140,40 +137,9 @@ def fpr_at_tpr(known: torch.Tensor, unknown: torch.Tensor, tpr: float = 0.95) ->
     return float((unknown >= t).double().mean()), t
 
 
-# ============================================================================ image files
-def list_images(folder) -> list:
-    """Sorted paths of the image files anywhere under ``folder`` (hidden names skipped, links followed once)."""
-    from .data.classification import IMG_EXTENSIONS, find_files
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: image folder not found")
-    files = find_files(root, IMG_EXTENSIONS)
-    if not files:
-        raise ValueError(f"{root}: no images under this folder ({', '.join(IMG_EXTENSIONS)})")
-    return files
-
-
-class ImageList(Dataset):
-    """``(image, label)`` samples from a list of files, all with the same ``label``."""
-
-    def __init__(self, files: Sequence[str], transform, label: int = -1):
-        self.files, self.transform, self.label = list(files), transform, label
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index):
-        from torchvision.transforms.v2 import functional as TF
-
-        from .data.classification import read_rgb
-        return self.transform(TF.to_image(read_rgb(self.files[index]))), self.label
-
-    def sample_name(self, index: int) -> str:
-        return self.files[index]
-
-
 def _folder_loader(cfg, folder, device) -> DataLoader:
     from .data.classification import collate
+    from .data.images import ImageList, list_images
     from .tasks import eval_transform
     files = list_images(folder)
     return DataLoader(ImageList(files, eval_transform(cfg)), batch_size=cfg.data.eval_batch_size or cfg.data.batch_size,
@@ -188,20 +154,18 @@ def ood_report(cfg, model: nn.Module, val_loader, folders: Sequence[str], device
 
     Returns ``{folder: {"images": n, kind: {"auroc", "fpr95", "threshold"}}}`` (``fpr95`` is the
     FPR at ``tpr``, 95% by default)."""
-    from .tasks import autocast
+    from .engine import check_one_process
     if cfg.task != "classification":
         raise ValueError("dnc test --ood: open-set rejection is measured for classifiers; for a segmenter, "
                          "dnc predict writes the per-pixel score map")
-    if torch.distributed.is_initialized():
-        raise ValueError("dnc test --ood runs in one process; start it without torchrun")
+    check_one_process("dnc test --ood")
     if len(set(map(str, folders))) != len(folders):
         raise ValueError("dnc test --ood: a folder is given twice")
     loaders = {str(f): _folder_loader(cfg, f, device) for f in folders}  # every folder checked before any work
-    amp = lambda: autocast(cfg, device)  # noqa: E731
-    known, _, _ = score_loader(model, val_loader, device, amp)
+    known, _, _ = score_loader(model, val_loader, device)
     out = {}
     for name, loader in loaders.items():
-        unknown, _, _ = score_loader(model, loader, device, amp)
+        unknown, _, _ = score_loader(model, loader, device)
         out[name] = {"images": len(loader.dataset)}
         for kind in SCORES[cfg.model.head]:
             fpr, t = fpr_at_tpr(known[kind], unknown[kind], tpr)
@@ -216,8 +180,8 @@ def calibrate(cfg, checkpoint, out, tpr: float = 0.95, score: Optional[str] = No
     ``cfg``, written with the score kind under ``"ood"`` into a copy of the checkpoint at ``out``
     (atomically). Returns that ``"ood"`` dict."""
     from .config import to_dict
-    from .engine import load_checkpoint, save_checkpoint, setup_distributed
-    from .tasks import autocast, build_datasets, build_eval_loader, load_trained_model
+    from .engine import load_checkpoint, save_checkpoint, setup_one_process
+    from .tasks import build_datasets, build_eval_loader, load_trained_model
 
     if cfg.task != "classification":
         raise ValueError("dnc calibrate: thresholds are calibrated for classifiers")
@@ -229,14 +193,11 @@ def calibrate(cfg, checkpoint, out, tpr: float = 0.95, score: Optional[str] = No
         raise ValueError(f"--tpr must be in (0, 1], got {tpr}")
     if Path(out).resolve() == Path(checkpoint).resolve():
         raise ValueError(f"--out {out}: write the calibrated checkpoint to a new file, not over {checkpoint}")
-    info = setup_distributed(device if device != "auto" else cfg.train.device)
-    if info.world > 1:
-        raise ValueError("dnc calibrate runs in one process; start it without torchrun")
+    info = setup_one_process("dnc calibrate", device if device != "auto" else cfg.train.device)
     ckpt = load_checkpoint(checkpoint)
     model = load_trained_model(cfg, ckpt, checkpoint).to(info.device).eval()
     val = build_datasets(cfg, ("val",))[0]["val"]
-    scores, labels, preds = score_loader(model, build_eval_loader(cfg, val, info), info.device,
-                                         lambda: autocast(cfg, info.device))
+    scores, labels, preds = score_loader(model, build_eval_loader(cfg, val, info), info.device)
     if not len(labels):
         raise ValueError("dnc calibrate: the validation split has no readable image")
     t = threshold_at_tpr(scores[kind], tpr)

@@ -15,20 +15,18 @@ palette PNG whose pixel values are the class indices, in the dataset's usual col
 from __future__ import annotations
 
 import csv
-import glob
 import io
-import os
 import re
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from .data.classification import IMG_EXTENSIONS, find_files, read_rgb
+from .data.images import ImageList, find_images, read_rgb
 from .engine import load_checkpoint, setup_distributed
 from .explain import _sample_name, explain_decisions, pixel_decisions
 from .files import write_atomic, write_json
@@ -36,53 +34,7 @@ from .ood import apply_threshold, image_scores, pixel_scores, save_score_map, ve
 from .report import palette, render_decision, render_segmentation
 from .tasks import build_cls_split, checkpoint_config, eval_transform, load_trained_model, training_subset
 
-__all__ = ["find_images", "run_predict", "write_records"]
-
-_GLOB = re.compile(r"[*?\[]")
-
-
-def find_images(inputs: Sequence[str], extensions: Sequence[str] = IMG_EXTENSIONS) -> List[str]:
-    """Image paths of ``inputs``: files as given, folders searched recursively, glob patterns expanded
-    (folders and patterns keep the files with an image extension, hidden names skipped, sorted).
-    Duplicates are dropped, first occurrence kept. An input that matches nothing is an error."""
-    exts = tuple(e.lower() for e in extensions)
-    found: List[str] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            hits = find_files(p, exts)
-            if not hits:
-                raise FileNotFoundError(f"{item}: folder holds no images ({', '.join(exts)})")
-            found += hits
-        elif _GLOB.search(item) and not p.exists():
-            hits = sorted(f for f in glob.glob(item, recursive=True)
-                          if os.path.isfile(f) and f.lower().endswith(exts) and not os.path.basename(f).startswith("."))
-            if not hits:
-                raise FileNotFoundError(f"{item}: pattern matches no images")
-            found += hits
-        elif p.is_file():
-            found.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: image not found")
-    return list(dict.fromkeys(found))
-
-
-class _Images(Dataset):
-    """``(transformed image, index)`` of each path, decoded on demand (in DataLoader workers)."""
-
-    def __init__(self, paths: Sequence[str], transform):
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        return self.transform(read_rgb(self.paths[index])), index
-
-
-def _as_list(batch):
-    return batch
-
+__all__ = ["run_predict", "write_records"]
 
 def _safe(name: str) -> str:
     """A class name usable in a file name."""
@@ -167,14 +119,15 @@ def run_predict(checkpoint, inputs: Sequence[str], explain: bool = False, pictur
     name = _Namer(folder)
     segment = cfg.task == "segmentation"
     bs = 1 if segment else (batch_size or cfg.data.eval_batch_size or cfg.data.batch_size)
-    loader = DataLoader(_Images(paths, eval_transform(cfg)), batch_size=bs, num_workers=cfg.data.num_workers,
-                        collate_fn=_as_list)
-    records = []
+    loader = DataLoader(ImageList(paths, eval_transform(cfg)), batch_size=bs, num_workers=cfg.data.num_workers,
+                        collate_fn=list)
+    records, start = [], 0
     for batch in loader:
         # Images of one batch may differ in size (preset "none"): one forward per size.
         shapes = {}
-        for x, i in batch:
+        for i, (x, _) in enumerate(batch, start):
             shapes.setdefault(tuple(x.shape), []).append((x, i))
+        start += len(batch)
         for group in shapes.values():
             x = torch.stack([g[0] for g in group]).to(dev)
             index = [g[1] for g in group]

@@ -19,7 +19,7 @@ from .config import Config, ConfigError, from_dict, load_config
 from .engine import DistInfo, make_loader, unwrap
 
 __all__ = ["build_model", "build_cls_split", "build_datasets", "build_eval_split", "load_trained_model", "load_model",
-           "normalization", "cls_transform", "eval_transform", "build_eval_loader", "evaluate", "metric_key",
+           "normalization", "cls_transform", "input_size", "eval_transform", "build_eval_loader", "evaluate", "metric_key",
            "head_kwargs", "collate_fn", "autocast", "init_centroids_from_data", "check_classes", "training_subset"]
 
 
@@ -256,6 +256,18 @@ def checkpoint_config(ckpt: dict, path, overrides: Sequence[str] = ()) -> Config
     return from_dict(Config, data).validate()
 
 
+def input_size(cfg: Config) -> Optional[tuple]:
+    """``(H, W)`` of the model's evaluation input: a segmenter's ``data.eval_crop`` (or ``crop_size``); a
+    classifier's ``data.img_size`` or its preset's (digits 8, cifar 32, imagenet and swin 224); None for
+    preset ``none``, whose images keep their size."""
+    d = cfg.data
+    if cfg.task == "segmentation":
+        return tuple(d.eval_crop or d.crop_size)
+    from .data.transforms import eval_size
+    side = eval_size(d.preset, d.img_size)
+    return None if side is None else (side, side)
+
+
 class _SegImageTransform:
     """A segmentation evaluation pipeline applied to an image alone (a dummy mask goes along)."""
 
@@ -277,10 +289,9 @@ def eval_transform(cfg: Config) -> Callable:
     if cfg.task == "segmentation":
         return _SegImageTransform(_seg_transform(cfg, False))
     tf = cls_transform(cfg, False)
-    side = d.img_size or {"cifar": 32, "digits": 8}.get(d.preset)
-    if d.preset in ("cifar", "digits") and side:
+    if d.preset in ("cifar", "digits"):
         from torchvision.transforms import v2
-        return v2.Compose([v2.ToImage(), v2.Resize((side, side), antialias=True), tf])
+        return v2.Compose([v2.ToImage(), v2.Resize(input_size(cfg), antialias=True), tf])
     return tf
 
 
@@ -312,11 +323,6 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
 
 
-def _sample_path(dataset, index: int) -> Optional[str]:
-    name = getattr(dataset, "sample_name", None)
-    return name(index) if name is not None else None
-
-
 @torch.no_grad()
 def evaluate(cfg: Config, model: nn.Module, loader, info: DistInfo, predictions: bool = False,
              details: bool = False, progress: bool = False) -> dict:
@@ -339,6 +345,7 @@ def evaluate(cfg: Config, model: nn.Module, loader, info: DistInfo, predictions:
                disable=not (progress and info.is_main and sys.stderr.isatty()))  # no bar in logs
     c = cfg.data.num_classes
     if cfg.task == "classification":
+        from .data.images import sample_name
         from .metrics import Accuracy, ConfusionMatrix
         metric = Accuracy(topk=(1, 5) if c > 5 else (1,), device=info.device)
         confusion = ConfusionMatrix(c, device=info.device) if details else None
@@ -357,7 +364,7 @@ def evaluate(cfg: Config, model: nn.Module, loader, info: DistInfo, predictions:
             if predictions:
                 prob, top = logits.softmax(1).topk(min(5, logits.shape[1]), dim=1)
                 for i, sample in enumerate(index.tolist()):
-                    records.append({"index": sample, "path": _sample_path(dataset, sample),
+                    records.append({"index": sample, "path": sample_name(dataset, sample),
                                     "label": int(targets[i]), "pred": int(top[i, 0]), "topk": top[i].tolist(),
                                     "scores": [round(p, 6) for p in prob[i].tolist()]})
         result = metric.compute()
@@ -404,23 +411,10 @@ def _gather_objects(items: list) -> list:
 def init_centroids_from_data(cfg: Config, model: nn.Module, dataset, info: DistInfo) -> None:
     """``model.dnc.init = kmeans++``: cluster embeddings of up to ``init_samples`` training samples
     (pixels for segmentation), computed by the freshly built network, to place the sub-centroids."""
-    net = unwrap(model)
+    from .embedding import embed, head_of
     if cfg.model.head != "dnc" or cfg.model.dnc.init != "kmeans++":
         return
     loader = make_loader(dataset, cfg.data.batch_size, True, info, cfg.train.seed + 1, cfg.data.num_workers,
                          collate_fn(cfg), on_bad=cfg.data.on_bad_sample)
-    zs, ys, n = [], [], 0
-    was_training = net.training
-    net.eval()
-    for images, targets, _, _ in loader:
-        if len(targets) == 0:
-            continue
-        z, y = net.embeddings(images.to(info.device), targets.to(info.device))
-        zs.append(z.float())
-        ys.append(y)
-        n += len(y)
-        if n >= cfg.model.dnc.init_samples:
-            break
-    z, y = torch.cat(zs)[: cfg.model.dnc.init_samples], torch.cat(ys)[: cfg.model.dnc.init_samples]
-    net.train(was_training)
-    net.head_module().centroids.init_from_embeddings(z, y, generator=torch.Generator().manual_seed(cfg.train.seed))
+    z, y = embed(model, loader, info.device, limit=cfg.model.dnc.init_samples)
+    head_of(model).centroids.init_from_embeddings(z, y, generator=torch.Generator().manual_seed(cfg.train.seed))

@@ -23,59 +23,16 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from .images import IMG_EXTENSIONS, find_files, read_rgb, sample_name
+
 __all__ = [
-    "IMG_EXTENSIONS", "read_rgb", "find_files", "CIFAR", "ImageFolder", "Digits", "LabeledSubset",
+    "CIFAR", "ImageFolder", "Digits", "LabeledSubset",
     "find_classes", "holdout", "check_labels", "collate", "build_cls_dataset",
 ]
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def read_rgb(path) -> Image.Image:
-    """Decode an image file as 8-bit RGB; any failure is one ``ValueError`` naming the file.
-
-    16-bit grayscale (PIL modes ``I;16*`` and ``I``) is scaled to 8 bits (``round(v / 257)``), where
-    PIL's own conversion would clip every value above 255 to white; floating-point images are refused.
-    """
-    try:
-        with Image.open(path) as img:
-            if img.mode == "F":
-                raise ValueError("floating-point pixels (mode F) are not supported; save it as 8 or 16 bits")
-            if img.mode.startswith("I"):
-                scaled = np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
-                return Image.fromarray(scaled, "L").convert("RGB")
-            return img.convert("RGB")
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise ValueError(f"{path}: cannot read image: {err}") from None
-
-
-def find_files(folder, extensions: Sequence[str]) -> List[str]:
-    """Image files under ``folder``, recursively, sorted; hidden names skipped. Symbolic links to folders
-    are followed once (a folder reached twice through links is read once), and a link that leads back
-    to a folder being read (a loop, e.g. ``cat/loop -> ..``) is refused with one ``ValueError``."""
-    extensions = tuple(e.lower() for e in extensions)
-    files, seen = [], {os.path.realpath(folder)}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real, keep = os.path.realpath(dirpath), []
-        for d in sorted(dirnames):
-            if d.startswith("."):
-                continue
-            target = os.path.realpath(os.path.join(dirpath, d))
-            if target == real or real.startswith(target.rstrip(os.sep) + os.sep):
-                raise ValueError(f"{os.path.join(dirpath, d)}: symbolic link loop (it leads back to {target}); "
-                                 f"remove the link")
-            if target not in seen:
-                seen.add(target)
-                keep.append(d)
-        dirnames[:] = keep
-        files += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and f.lower().endswith(extensions)]
-    return sorted(files)
-
 
 # --------------------------------------------------------------------------------------- CIFAR
 _CIFAR_LAYOUT = {
@@ -306,13 +263,6 @@ class Digits(Dataset):
 
 
 # ---------------------------------------------------------------------------- subsets, checks
-def _sample_name(dataset, index: int) -> Optional[str]:
-    if isinstance(dataset, Subset) and not hasattr(dataset, "sample_name"):
-        return _sample_name(dataset.dataset, dataset.indices[index])
-    name = getattr(dataset, "sample_name", None)
-    return name(index) if name is not None else None
-
-
 class LabeledSubset(Subset):
     """A ``torch.utils.data.Subset`` that keeps ``classes`` and ``targets`` of its dataset."""
 
@@ -322,7 +272,7 @@ class LabeledSubset(Subset):
         self.targets: List[int] = [int(dataset.targets[i]) for i in self.indices]
 
     def sample_name(self, index: int) -> Optional[str]:
-        return _sample_name(self.dataset, self.indices[index])
+        return sample_name(self.dataset, self.indices[index])
 
 
 def holdout(dataset, num_val: int, per_class: bool = False) -> Tuple[LabeledSubset, LabeledSubset]:
@@ -382,7 +332,7 @@ def check_labels(dataset, num_classes: int, name: str) -> None:
     bad = np.flatnonzero((targets < 0) | (targets >= num_classes))
     if bad.size:
         i = int(bad[0])
-        where = _sample_name(dataset, i)
+        where = sample_name(dataset, i)
         where = f" ({where})" if where else ""
         raise ValueError(f"dataset {name}: sample {i}{where} has label {int(targets[i])}, "
                          f"outside [0, {num_classes})")

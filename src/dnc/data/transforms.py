@@ -66,6 +66,14 @@ _DEFAULTS = {
 }
 
 
+def eval_size(preset: str, img_size: Optional[int] = None) -> Optional[int]:
+    """Side of the square images the eval transform of ``preset`` gives (digits keep their 8x8), or None
+    for ``'none'`` (any size)."""
+    if preset == "none":
+        return None
+    return int(img_size) if img_size else (_DEFAULTS[preset][0] or 8)
+
+
 def _interpolation(value: Union[str, InterpolationMode, None], default: InterpolationMode) -> InterpolationMode:
     if value is None:
         return default
