@@ -297,11 +297,7 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
     _require_dnc(cfg.task, cfg.model.head, checkpoint)
     if examples < 0:
         raise ValueError(f"--examples must be >= 0, got {examples}")
-    info = setup_one_process("dnc explain", cfg.train.device)
-    ckpt = load_checkpoint(checkpoint)
-    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    _require_dnc(saved.get("task", cfg.task), saved.get("model", {}).get("head", cfg.model.head), checkpoint)
-    model = load_trained_model(cfg, ckpt, checkpoint).to(info.device).eval()
+    info, ckpt, model = _load_dnc(cfg, checkpoint)
     out = Path(out_dir)
     (out / "galleries").mkdir(parents=True, exist_ok=True)
     (out / "decisions").mkdir(parents=True, exist_ok=True)
@@ -321,17 +317,45 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
     loader = build_eval_loader(cfg, val, info)
     before = evaluate(cfg, model, loader, info, predictions=True)
     after = evaluate(cfg, anchored, loader, info, predictions=True)
+    raw_train = training_subset(train_cfg, build_cls_split(train_cfg, "train", None))
+    index = matches.index.cpu()
+    names = [[_sample_name(raw_train, int(i)) if i >= 0 else None for i in row] for row in index[..., 0].tolist()]
+    result = {"config_name": config_name or "-", "checkpoint": str(checkpoint), "classes": classes,
+              **_summary(matches, stats, before, after, classes, names, top_m, len(val), evaluated)}
+
+    save_checkpoint(out / "anchored.pt", {
+        "model": anchored.state_dict(), "config": to_dict(train_cfg), "classes": classes, "anchored": True,
+        "anchor_index": index[..., 0].clone(), "anchor_cosine": stats["anchor_cosine"].clone(), "anchor_names": names,
+        "source_checkpoint": str(checkpoint),
+        "metrics": {"top1": after["top1"], "top5": after.get("top5"), "top1_before_anchoring": before["top1"]}})
+    galleries = _write_galleries(out, raw_train, matches, stats, classes, tile)
+    shown = _explain_examples(cfg, anchored, after["predictions"], val, raw_train, index[..., 0], classes, examples,
+                              out, info.device, tile + 16)
+    result["examples"] = shown
+    write_json(out / "explain.json", result)
+    write_report(out, result, galleries, shown)
+    return result
+
+
+def _load_dnc(cfg, checkpoint) -> tuple:
+    """``(DistInfo, checkpoint dict, model in eval mode)`` of a DNC classification checkpoint (one process)."""
+    info = setup_one_process("dnc explain", cfg.train.device)
+    ckpt = load_checkpoint(checkpoint)
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    _require_dnc(saved.get("task", cfg.task), saved.get("model", {}).get("head", cfg.model.head), checkpoint)
+    return info, ckpt, load_trained_model(cfg, ckpt, checkpoint).to(info.device).eval()
+
+
+def _summary(matches: TrainingMatches, stats: dict, before: dict, after: dict, classes: list, names: list,
+             top_m: int, num_eval: int, evaluated: dict) -> dict:
+    """The figures of ``explain.json``: accuracy before and after anchoring, per class and per sub-centroid."""
     c, k = matches.wins.shape
     ok_b, n_eval = _per_class(before["predictions"], c)
     ok_a, _ = _per_class(after["predictions"], c)
     agree = sum(a["pred"] == b["pred"] for a, b in zip(after["predictions"], before["predictions"]))
-
-    raw_train = training_subset(train_cfg, build_cls_split(train_cfg, "train", None))
     index, sims = matches.index.cpu(), matches.sims.cpu()
-    names = [[_sample_name(raw_train, int(i)) if i >= 0 else None for i in row] for row in index[..., 0].tolist()]
-    result = {
-        "config_name": config_name or "-", "checkpoint": str(checkpoint), "classes": classes,
-        "num_subcentroids": k, "top_m": top_m, "num_train": int(matches.class_counts.sum()), "num_eval": len(val),
+    return {
+        "num_subcentroids": k, "top_m": top_m, "num_train": int(matches.class_counts.sum()), "num_eval": num_eval,
         "evaluated": evaluated,
         "accuracy": {"before": {"top1": before["top1"], "top5": before.get("top5")},
                      "after": {"top1": after["top1"], "top5": after.get("top5")},
@@ -353,12 +377,11 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
                          for ci in range(c) for kk in range(k)],
     }
 
-    save_checkpoint(out / "anchored.pt", {
-        "model": anchored.state_dict(), "config": to_dict(train_cfg), "classes": classes, "anchored": True,
-        "anchor_index": index[..., 0].clone(), "anchor_cosine": stats["anchor_cosine"].clone(), "anchor_names": names,
-        "source_checkpoint": str(checkpoint),
-        "metrics": {"top1": after["top1"], "top5": after.get("top5"), "top1_before_anchoring": before["top1"]}})
 
+def _write_galleries(out: Path, raw_train, matches: TrainingMatches, stats: dict, classes: list, tile: int) -> list:
+    """One picture per class (``galleries/class_<c>.png``): each sub-centroid's nearest training images."""
+    c, k = matches.wins.shape
+    index, sims = matches.index.cpu(), matches.sims.cpu()
     galleries = []
     for ci in range(c):
         rows = [[(raw_train[int(i)][0], float(s)) for i, s in zip(index[ci, kk], sims[ci, kk]) if i >= 0]
@@ -366,13 +389,7 @@ def run_explain(cfg, checkpoint, out_dir, top_m: int = 5, examples: int = 24, ti
         img = render_gallery(classes[ci], rows, stats["wins"][ci].tolist(), stats["anchor_cosine"][ci].tolist(), tile)
         galleries.append(f"galleries/class_{ci:03d}.png")
         img.save(out / galleries[-1])
-
-    shown = _explain_examples(cfg, anchored, after["predictions"], val, raw_train, index[..., 0], classes, examples,
-                              out, info.device, tile + 16)
-    result["examples"] = shown
-    write_json(out / "explain.json", result)
-    write_report(out, result, galleries, shown)
-    return result
+    return galleries
 
 
 def _explain_examples(cfg, anchored, records, val, raw_train, anchor_index, classes, count, out, device, tile) -> list:

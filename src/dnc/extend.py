@@ -140,9 +140,18 @@ def extend_model(cfg, model: nn.Module, classes: Sequence[str], added: dict, rem
         data["data"]["dataset_kwargs"] = {**data["data"]["dataset_kwargs"], "classes": classes2}
     cfg2 = from_dict(type(cfg), data).validate()
     model2 = build_model(cfg2, pretrained="").to(p_old.device)
-    fresh = model2.state_dict()
-    old = model.state_dict()
     sub_prefix = prefix + next(n for n, m in head.named_modules() if m is sub) + "."
+    model2.load_state_dict(_resized_state(model.state_dict(), model2.state_dict(), prefix, sub_prefix, keep,
+                                          len(added), centroids))
+    return cfg2, model2, classes2
+
+
+def _resized_state(old: dict, fresh: dict, prefix: str, sub_prefix: str, keep: list, n_added: int,
+                   centroids: torch.Tensor) -> dict:
+    """The state dict of the extended model: ``centroids`` for the sub-centroids, a fresh memory, the kept
+    rows of every other per-class tensor of the head (``prefix``) followed by their mean for each new class,
+    and everything else unchanged."""
+    c_old = old[sub_prefix + "centroids"].shape[0]
     index = torch.tensor(keep, dtype=torch.long)
     state = {}
     for key, value in fresh.items():
@@ -155,11 +164,10 @@ def extend_model(cfg, model: nn.Module, classes: Sequence[str], added: dict, rem
               and (key.startswith(sub_prefix) or key.startswith(prefix + "mask_norm."))):
             kept = before[index.to(before.device)]
             extra = before[index.to(before.device)].float().mean(0, keepdim=True).to(before.dtype)
-            state[key] = torch.cat([kept, extra.expand(len(added), *before.shape[1:])])
+            state[key] = torch.cat([kept, extra.expand(n_added, *before.shape[1:])])
         else:
             state[key] = before
-    model2.load_state_dict(state)
-    return cfg2, model2, classes2
+    return state
 
 
 def _old_class_check(cfg, model, model2, classes, classes2, added, device) -> dict:

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .config import Config, ConfigError, from_dict, load_config
-from .engine import DistInfo, make_loader, unwrap
+from .engine import DistInfo, gather_objects, make_loader, unwrap
 
 __all__ = ["build_model", "build_cls_split", "build_datasets", "build_eval_split", "load_trained_model", "load_model",
            "normalization", "cls_transform", "input_size", "eval_transform", "build_eval_loader", "evaluate", "metric_key",
@@ -338,73 +337,79 @@ def evaluate(cfg: Config, model: nn.Module, loader, info: DistInfo, predictions:
     gathered from all processes. With ``data.on_bad_sample=skip``, ``skipped`` counts the unreadable
     samples left out (all processes). ``progress`` shows a progress bar on process 0.
     """
-    from tqdm import tqdm
     model = unwrap(model).eval()
-    skipped = 0
-    bar = tqdm(loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True,
-               disable=not (progress and info.is_main and sys.stderr.isatty()))  # no bar in logs
-    c = cfg.data.num_classes
+    skipped = [0]
+    batches = _eval_batches(loader, info, progress, skipped)
     if cfg.task == "classification":
-        from .data.images import sample_name
-        from .metrics import Accuracy, ConfusionMatrix
-        metric = Accuracy(topk=(1, 5) if c > 5 else (1,), device=info.device)
-        confusion = ConfusionMatrix(c, device=info.device) if details else None
-        records = []
         dataset = getattr(loader.dataset, "dataset", loader.dataset)  # inside make_loader's SeededDataset
-        for images, targets, bad, index in bar:
-            skipped += bad
-            if len(targets) == 0:
-                continue
-            images, targets = images.to(info.device), targets.to(info.device)
-            with autocast(cfg, info.device):
-                logits = model(images).float()
-            metric.update(logits, targets)
-            if confusion is not None:
-                confusion.update(logits.argmax(1), targets)
-            if predictions:
-                prob, top = logits.softmax(1).topk(min(5, logits.shape[1]), dim=1)
-                for i, sample in enumerate(index.tolist()):
-                    records.append({"index": sample, "path": sample_name(dataset, sample),
-                                    "label": int(targets[i]), "pred": int(top[i, 0]), "topk": top[i].tolist(),
-                                    "scores": [round(p, 6) for p in prob[i].tolist()]})
-        result = metric.compute()
+        result = _evaluate_cls(cfg, model, batches, info, dataset, predictions, details)
+    else:
+        result = _evaluate_seg(cfg, model, batches, info)
+    return _with_skipped(cfg, result, skipped[0])
+
+
+def _eval_batches(loader, info: DistInfo, progress: bool, skipped: list):
+    """``(images, targets, dataset indices)`` of each batch with a readable sample, on the device; ``skipped[0]``
+    counts the unreadable ones. ``progress``: a progress bar on process 0 (on a terminal; none in logs)."""
+    from tqdm import tqdm
+    bar = tqdm(loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True,
+               disable=not (progress and info.is_main and sys.stderr.isatty()))
+    for images, targets, bad, index in bar:
+        skipped[0] += bad
+        if len(targets) == 0:
+            continue
+        yield images.to(info.device), targets.to(info.device), index
+
+
+def _evaluate_cls(cfg: Config, model: nn.Module, batches, info: DistInfo, dataset, predictions: bool,
+                  details: bool) -> dict:
+    from .data.images import sample_name
+    from .metrics import Accuracy, ConfusionMatrix
+    c = cfg.data.num_classes
+    metric = Accuracy(topk=(1, 5) if c > 5 else (1,), device=info.device)
+    confusion = ConfusionMatrix(c, device=info.device) if details else None
+    records = []
+    for images, targets, index in batches:
+        with autocast(cfg, info.device):
+            logits = model(images).float()
+        metric.update(logits, targets)
         if confusion is not None:
-            cm = confusion.compute()
-            result["per_class_accuracy"] = ConfusionMatrix.recall(cm)
-            result["confusion"] = cm.tolist()
+            confusion.update(logits.argmax(1), targets)
         if predictions:
-            result["predictions"] = sorted(_gather_objects(records), key=lambda r: r["index"])
-        return _with_skipped(cfg, result, skipped)
+            prob, top = logits.softmax(1).topk(min(5, logits.shape[1]), dim=1)
+            for i, sample in enumerate(index.tolist()):
+                records.append({"index": sample, "path": sample_name(dataset, sample),
+                                "label": int(targets[i]), "pred": int(top[i, 0]), "topk": top[i].tolist(),
+                                "scores": [round(p, 6) for p in prob[i].tolist()]})
+    result = metric.compute()
+    if confusion is not None:
+        cm = confusion.compute()
+        result["per_class_accuracy"] = ConfusionMatrix.recall(cm)
+        result["confusion"] = cm.tolist()
+    if predictions:
+        result["predictions"] = sorted(gather_objects(records), key=lambda r: r["index"])
+    return result
+
+
+def _evaluate_seg(cfg: Config, model: nn.Module, batches, info: DistInfo) -> dict:
     from .metrics import SegMetric
     from .models.seg_inference import seg_inference
     d = cfg.data
-    metric = SegMetric(c, device=info.device)
-    for images, masks, bad, _ in bar:
-        skipped += bad
-        if len(masks) == 0:
-            continue
-        images, masks = images.to(info.device), masks.to(info.device)
+    metric = SegMetric(d.num_classes, device=info.device)
+    for images, masks, _ in batches:
         with autocast(cfg, info.device):
-            logits = seg_inference(model, images, c, tuple(masks.shape[-2:]), mode=d.eval_mode,
+            logits = seg_inference(model, images, d.num_classes, tuple(masks.shape[-2:]), mode=d.eval_mode,
                                    crop_size=tuple(d.eval_crop or d.crop_size),
                                    stride=tuple(d.eval_stride) if d.eval_stride else None,
                                    scales=tuple(d.eval_scales), flip=d.eval_flip)
         metric.update(logits.argmax(1), masks)
-    return _with_skipped(cfg, metric.compute(), skipped)
+    return metric.compute()
 
 
 def _with_skipped(cfg: Config, result: dict, skipped: int) -> dict:
     if cfg.data.on_bad_sample == "skip":
-        result["skipped"] = sum(_gather_objects([skipped]))
+        result["skipped"] = sum(gather_objects([skipped]))
     return result
-
-
-def _gather_objects(items: list) -> list:
-    if not dist.is_initialized():
-        return items
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
 
 
 @torch.no_grad()
