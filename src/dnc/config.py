@@ -8,6 +8,7 @@ reported as one line naming the key and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -166,6 +167,12 @@ class Config:
             raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
         if dnc.calibration == "temperature" and not dnc.temperature > 0:
             raise ConfigError(f"model.dnc.temperature must be > 0, got {dnc.temperature}")
+        if not dnc.sinkhorn_eps > 0:  # 0 or below collapses the balanced assignment onto one sub-centroid
+            raise ConfigError(f"model.dnc.sinkhorn_eps must be > 0, got {dnc.sinkhorn_eps}")
+        for key, value in (("model.dnc.sinkhorn_iters", dnc.sinkhorn_iters), ("optim.lr", o.lr),
+                           ("optim.weight_decay", o.weight_decay)):
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
         if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
         return self
@@ -223,10 +230,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     expected = {int: int, float: float, bool: bool, str: str, list: list, dict: dict}[tp]
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"key '{key}' expects {expected.__name__}, got {value!r}")
+    numbers = value if isinstance(value, list) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+        raise ConfigError(f"key '{key}' must be a finite number, got {value!r}")
     return value
 
 

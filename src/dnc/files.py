@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "write_atomic", "write_json", "remove_stale_temporaries"]
+__all__ = ["atomic_write", "write_atomic", "write_json", "remove_stale_temporaries", "check_output"]
 
 _TMP = ".tmp"
 
@@ -69,4 +69,23 @@ def write_atomic(path, data: bytes) -> None:
 
 
 def write_json(path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+    """Write ``obj`` as JSON atomically. NaN and infinity are refused (they are not JSON): a
+    ``ValueError`` naming the file, and nothing is written."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError:
+        raise ValueError(f"{path}: not written: a value is NaN or infinite (not JSON)") from None
+    write_atomic(path, (text + "\n").encode())
+
+
+def check_output(out, inputs=(), force: bool = False, option: str = "--out") -> Path:
+    """Refuse an output path that is one of the command's ``inputs`` (even with ``force``) or an existing
+    file (unless ``force``): one ``FileExistsError`` line naming ``option``. Returns ``Path(out)``."""
+    out = Path(out)
+    if out.exists() and any(out.resolve() == Path(i).resolve() for i in inputs):
+        raise FileExistsError(f"{option} {out}: is an input of this command; write to another file")
+    if out.is_dir():
+        raise IsADirectoryError(f"{option} {out}: is a folder; name a file")
+    if out.exists() and not force:
+        raise FileExistsError(f"{option} {out}: exists; choose another file, or pass --force to replace it")
+    return out

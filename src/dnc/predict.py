@@ -71,8 +71,15 @@ def write_records(path, records: Sequence[dict]) -> None:
     w.writerow(["path"] + [f"{x}_{i}" for i in range(1, k + 1) for x in ("class", "score")] + extra)
     for r in records:
         top = [v for t in r["top"] for v in (t["class"], t["score"])]
-        w.writerow([r["path"]] + top + [""] * (2 * k - len(top)) + [r.get(c, "") for c in extra])
+        row = [r["path"]] + top + [""] * (2 * k - len(top)) + [r.get(c, "") for c in extra]
+        w.writerow([_cell(v) for v in row])
     write_atomic(path, buf.getvalue().encode())
+
+
+def _cell(value):
+    """A CSV cell that a spreadsheet shows as text: one starting as a formula (``=``, ``+``, ``-``, ``@``,
+    tab, carriage return) gets a leading ``'``, as OWASP recommends against CSV injection."""
+    return f"'{value}" if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
 def _anchors(cfg, ckpt: dict, checkpoint):
