@@ -18,6 +18,7 @@ in the file's metadata, the config and the class names (:func:`read_safetensors`
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+
+from .files import check_output
 
 __all__ = ["FORMATS", "example_inputs", "export_model", "check_export", "read_safetensors", "run_export"]
 
@@ -143,8 +146,10 @@ def check_export(fmt: str, path, model: nn.Module, inputs: Sequence[torch.Tensor
     return worst
 
 
-def run_export(checkpoint, fmt: str, out, atol: float = 1e-3, size: Optional[Sequence[int]] = None) -> dict:
-    """``dnc export``: export the model of ``checkpoint``, check it, and move it to ``out``."""
+def run_export(checkpoint, fmt: str, out, atol: float = 1e-3, size: Optional[Sequence[int]] = None,
+               force: bool = False) -> dict:
+    """``dnc export``: export the model of ``checkpoint``, check it, and move it to ``out`` (an existing file
+    only with ``force``, never the checkpoint itself)."""
     from .config import Config, from_dict
     from .engine import load_checkpoint
     from .tasks import load_trained_model
@@ -153,6 +158,9 @@ def run_export(checkpoint, fmt: str, out, atol: float = 1e-3, size: Optional[Seq
         raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise ValueError(f"--size expects H W (two positive integers), got {' '.join(map(str, size))}")
+    if not math.isfinite(atol) or atol < 0:
+        raise ValueError(f"--atol must be a finite number >= 0, got {atol}")
+    out = check_output(out, [checkpoint], force)
     ckpt = load_checkpoint(checkpoint)
     if not isinstance(ckpt.get("config"), dict):
         raise ValueError(f"{checkpoint}: has no 'config'; write it with dnc train")

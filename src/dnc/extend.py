@@ -44,7 +44,8 @@ from torch import nn
 
 from .centroids import kmeans_pp
 from .embedding import embed, head_of
-from .files import write_atomic
+from .files import check_output, write_atomic
+from .validate import check_class_names
 
 __all__ = ["JITTER_COS", "WARN_DROP", "fit_subcentroids", "embed_files", "extend_model", "run_extend"]
 
@@ -208,7 +209,7 @@ def _training_embeddings(cfg, model, device) -> tuple:
 
 
 def run_extend(cfg, checkpoint, folders: dict, remove: Sequence[str], out, val: bool = False,
-               device: str = "auto", refit_old: bool = False) -> dict:
+               device: str = "auto", refit_old: bool = False, force: bool = False) -> dict:
     """``dnc extend``: adds a class ``name`` from the images under each ``folders[name]``, drops the classes
     ``remove``; writes ``out`` (checkpoint) and ``out`` with suffix ``.yaml`` (its config); returns a summary (classes, images per added class, and with ``val`` the old-class check)."""
     from .config import to_dict
@@ -223,15 +224,13 @@ def run_extend(cfg, checkpoint, folders: dict, remove: Sequence[str], out, val: 
     out = Path(out)
     if out.suffix != ".pt":
         raise ValueError(f"--out {out}: use a .pt file")
-    if out.resolve() == Path(checkpoint).resolve():
-        raise ValueError(f"--out {out}: write the extended checkpoint to a new file, not over {checkpoint}")
+    check_output(out, [checkpoint], force)
+    check_class_names(folders, "--add")
     files = {name: list_images(folder) for name, folder in folders.items()}  # every folder checked first
     info = setup_one_process("dnc extend", device if device != "auto" else cfg.train.device)
     ckpt = load_checkpoint(checkpoint)
     model = load_trained_model(cfg, ckpt, checkpoint).to(info.device).eval()
-    classes = list(ckpt.get("classes") or [str(i) for i in range(cfg.data.num_classes)])
-    if len(classes) != cfg.data.num_classes:
-        raise ValueError(f"{checkpoint}: {len(classes)} class names but data.num_classes={cfg.data.num_classes}")
+    classes = checkpoint_classes(ckpt, cfg, checkpoint)
     added = {name: embed_files(cfg, model, fs, info.device) for name, fs in files.items()}
     refit = _training_embeddings(cfg, model, info.device) if refit_old else None
     cfg2, model2, classes2 = extend_model(cfg, model, classes, added, list(remove or []), cfg.train.seed, refit)

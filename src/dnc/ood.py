@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .embedding import head_of
+from .files import check_output
 
 __all__ = ["SCORES", "default_score", "image_scores", "score_loader", "pixel_scores", "auroc", "threshold_at_tpr",
            "fpr_at_tpr", "ood_report", "calibrate",
@@ -175,10 +176,11 @@ def ood_report(cfg, model: nn.Module, val_loader, folders: Sequence[str], device
 
 
 # ============================================================================ calibration and verdicts
-def calibrate(cfg, checkpoint, out, tpr: float = 0.95, score: Optional[str] = None, device: str = "auto") -> dict:
+def calibrate(cfg, checkpoint, out, tpr: float = 0.95, score: Optional[str] = None, device: str = "auto",
+              force: bool = False) -> dict:
     """``dnc calibrate``: the threshold that keeps a fraction ``tpr`` of the validation images of
     ``cfg``, written with the score kind under ``"ood"`` into a copy of the checkpoint at ``out``
-    (atomically). Returns that ``"ood"`` dict."""
+    (atomically; an existing file only with ``force``, never the checkpoint). Returns that ``"ood"`` dict."""
     from .config import to_dict
     from .engine import load_checkpoint, save_checkpoint, setup_one_process
     from .tasks import build_datasets, build_eval_loader, load_trained_model
@@ -191,8 +193,7 @@ def calibrate(cfg, checkpoint, out, tpr: float = 0.95, score: Optional[str] = No
                          f"choose one of {', '.join(SCORES[cfg.model.head])}")
     if not 0.0 < tpr <= 1.0:
         raise ValueError(f"--tpr must be in (0, 1], got {tpr}")
-    if Path(out).resolve() == Path(checkpoint).resolve():
-        raise ValueError(f"--out {out}: write the calibrated checkpoint to a new file, not over {checkpoint}")
+    check_output(out, [checkpoint], force)
     info = setup_one_process("dnc calibrate", device if device != "auto" else cfg.train.device)
     ckpt = load_checkpoint(checkpoint)
     model = load_trained_model(cfg, ckpt, checkpoint).to(info.device).eval()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -32,7 +33,9 @@ from .explain import _sample_name, explain_decisions, pixel_decisions
 from .files import write_atomic, write_json
 from .ood import apply_threshold, image_scores, pixel_scores, save_score_map, verdict_text
 from .report import palette, render_decision, render_segmentation
-from .tasks import build_cls_split, checkpoint_config, eval_transform, load_trained_model, training_subset
+from .tasks import build_cls_split, checkpoint_classes, checkpoint_config, eval_transform, load_trained_model, training_subset
+
+log = logging.getLogger("dnc")
 
 __all__ = ["run_predict", "write_records"]
 
@@ -100,12 +103,13 @@ def _anchors(cfg, ckpt: dict, checkpoint):
 
 def run_predict(checkpoint, inputs: Sequence[str], explain: bool = False, pictures=None, topk: int = 5,
                 device: str = "auto", batch_size: int = 0, out=None, tile: int = 96,
-                report: Optional[Callable[[str], None]] = None) -> list:
+                report: Optional[Callable[[str], None]] = None, skip_bad: bool = False) -> list:
     """``dnc predict``: one record per image of ``inputs`` (see :func:`find_images`), its line of text
     passed to ``report`` (e.g. ``print``) as soon as it is made, and written to ``out`` (``.json`` or ``.csv``) when given; returns the records.
 
     ``pictures`` is the folder of the pictures (default ``predictions``); ``batch_size`` 0 takes the
     config's evaluation batch size (segmentation: one image at a time, each at its own size).
+    ``skip_bad``: an unreadable image is skipped with a warning naming it (else it stops everything).
     """
     if topk < 1:
         raise ValueError(f"--topk must be >= 1, got {topk}")
@@ -114,7 +118,7 @@ def run_predict(checkpoint, inputs: Sequence[str], explain: bool = False, pictur
     paths = find_images(inputs)
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, checkpoint)
-    classes = list(ckpt.get("classes") or [str(i) for i in range(cfg.data.num_classes)])
+    classes = checkpoint_classes(ckpt, cfg, checkpoint)
     dev = setup_distributed(device).device
     model = load_trained_model(cfg, ckpt, checkpoint).to(dev).eval()
     anchors = _anchors(cfg, ckpt, checkpoint) if explain and cfg.task == "classification" else None
@@ -126,15 +130,18 @@ def run_predict(checkpoint, inputs: Sequence[str], explain: bool = False, pictur
     name = _Namer(folder)
     segment = cfg.task == "segmentation"
     bs = 1 if segment else (batch_size or cfg.data.eval_batch_size or cfg.data.batch_size)
-    loader = DataLoader(ImageList(paths, eval_transform(cfg)), batch_size=bs, num_workers=cfg.data.num_workers,
-                        collate_fn=list)
-    records, start = [], 0
+    loader = DataLoader(_Readable(paths, eval_transform(cfg), skip_bad), batch_size=bs,
+                        num_workers=cfg.data.num_workers, collate_fn=list)
+    records, skipped = [], 0
     for batch in loader:
         # Images of one batch may differ in size (preset "none"): one forward per size.
         shapes = {}
-        for i, (x, _) in enumerate(batch, start):
+        for x, i in batch:
+            if isinstance(x, str):  # unreadable, skipped: x is why
+                log.warning(f"skipped {x}")
+                skipped += 1
+                continue
             shapes.setdefault(tuple(x.shape), []).append((x, i))
-        start += len(batch)
         for group in shapes.values():
             x = torch.stack([g[0] for g in group]).to(dev)
             index = [g[1] for g in group]
@@ -148,11 +155,29 @@ def run_predict(checkpoint, inputs: Sequence[str], explain: bool = False, pictur
                 if report is not None:
                     report(line)
             records += recs
+    if skipped:
+        log.warning(f"skipped {skipped} unreadable image{'s' * (skipped > 1)} of {len(paths)} (--skip-bad)")
     order = {p: i for i, p in enumerate(paths)}
     records.sort(key=lambda r: order[r["path"]])  # back to input order (batches are grouped by image size)
     if out is not None:
         write_records(out, records)
     return records
+
+
+class _Readable(ImageList):
+    """``(image, index)`` of each file; with ``skip_bad``, ``(why, index)`` for an unreadable one."""
+
+    def __init__(self, files: Sequence[str], transform, skip_bad: bool):
+        super().__init__(files, transform)
+        self.skip_bad = skip_bad
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)[0], index
+        except ValueError as e:
+            if not self.skip_bad:
+                raise
+            return str(e), index
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ Messages go to the ``dnc`` logger (the command line prints them).
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import random
 from pathlib import Path
@@ -19,12 +20,12 @@ import torch
 import yaml
 
 from .files import write_atomic, write_json
+from .workdir import StartOver, work_dir_lock
 
-__all__ = ["RUN_FILES", "seed_everything", "set_threads", "check_same_run", "fresh_work_dir", "train", "test"]
+__all__ = ["seed_everything", "set_threads", "check_same_run", "fresh_work_dir", "train", "test"]
 
 log = logging.getLogger("dnc")
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.json", "log.jsonl")
 _SAME_RUN = ("task", "model.backbone", "model.head", "data.dataset", "data.num_classes")
 
 
@@ -56,25 +57,24 @@ def check_same_run(cfg, saved: dict, path: str, config: str) -> None:
 
 
 def fresh_work_dir(work_dir: Path, force: bool) -> None:
-    """Refuse to start a run over another one's outputs, unless ``force`` (which removes them)."""
-    found = [n for n in RUN_FILES[:3] if (work_dir / n).exists()]
+    """Refuse to start a run over another one's outputs, unless ``force`` (which replaces them once the new
+    run has written its first checkpoint)."""
+    found = [n for n in ("last.pt", "best.pt", "metrics.json") if (work_dir / n).exists()]
     if found and not force:
         raise FileExistsError(f"{work_dir} already holds a run ({', '.join(found)}): continue it with --resume, "
                               f"or pass --force to start over (its files are replaced)")
 
 
-def _prepare_work_dir(cfg, work_dir: Path, resume: Optional[str], notes: Sequence[str]) -> None:
-    """Process 0: create the work dir, clear a replaced run's files, write the run's ``config.yaml``."""
+def _prepare_work_dir(cfg, work_dir: Path, resume: Optional[str], notes: Sequence[str]) -> Optional[StartOver]:
+    """Process 0: set a replaced run's files aside (:class:`StartOver`, returned), write ``config.yaml``."""
     from .config import to_dict
     from .files import remove_stale_temporaries
-    work_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(work_dir)
-    if not resume:
-        for name in RUN_FILES:
-            (work_dir / name).unlink(missing_ok=True)
+    replaced = None if resume else StartOver(work_dir).begin()
     for note in notes:
         log.warning(note)
     write_atomic(work_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    return replaced
 
 
 def train(config: str, overrides: Sequence[str] = (), work_dir=None, resume: Optional[str] = None,
@@ -83,14 +83,24 @@ def train(config: str, overrides: Sequence[str] = (), work_dir=None, resume: Opt
     (default ``work_dirs/<config name>``). ``resume``: a checkpoint to continue from (``"auto"``:
     ``WORK_DIR/last.pt``), with the config it was started with; ``force``: start over in a work dir
     that holds a run. Returns ``(metrics, work_dir, DistInfo)``; the metrics of a stopped run are
-    ``{"stopped": True, "iter", "reason"}``."""
+    ``{"stopped": True, "iter", "reason"}``.
+
+    Process 0 holds the work dir's lock (:func:`~dnc.workdir.work_dir_lock`) from the start: a second
+    training there is refused before it reads or writes anything."""
+    work_dir = Path(work_dir or Path("work_dirs") / Path(config).stem)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(config, overrides, work_dir, resume, force)
+    with work_dir_lock(work_dir):
+        return _train(config, overrides, work_dir, resume, force)
+
+
+def _train(config: str, overrides: Sequence[str], work_dir: Path, resume: Optional[str], force: bool) -> tuple:
     from . import engine
     from .config import load_config, resume_config
     from .tasks import build_datasets, build_eval_loader, build_model, collate_fn, evaluate, init_centroids_from_data, metric_key
 
     # Resuming, the run's config is the checkpoint's (checked below); the overrides are checked against it.
     cfg = load_config(config, tuple(overrides), validate=not resume)
-    work_dir = Path(work_dir or Path("work_dirs") / Path(config).stem)
     ckpt, notes = None, []
     if resume == "auto":
         resume = str(work_dir / "last.pt")
@@ -105,17 +115,21 @@ def train(config: str, overrides: Sequence[str] = (), work_dir=None, resume: Opt
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic)
     datasets, classes = build_datasets(cfg)
-    if info.is_main:
-        _prepare_work_dir(cfg, work_dir, resume, notes)
-    model = build_model(cfg)
-    train_loader = engine.make_loader(datasets["train"], cfg.data.batch_size, True, info, cfg.train.seed,
-                                      cfg.data.num_workers, collate_fn(cfg), on_bad=cfg.data.on_bad_sample)
-    val_loader = build_eval_loader(cfg, datasets["val"], info)
-    metrics = engine.train_loop(
-        cfg, model, train_loader, info, work_dir,
-        evaluate=lambda m: evaluate(cfg, m, val_loader, info), metric_key=metric_key(cfg), resume=resume,
-        classes=classes, before_training=lambda m: init_centroids_from_data(cfg, m, datasets["train"], info),
-        resume_state=ckpt)
+    replaced = _prepare_work_dir(cfg, work_dir, resume, notes) if info.is_main else None
+    try:
+        model = build_model(cfg)
+        train_loader = engine.make_loader(datasets["train"], cfg.data.batch_size, True, info, cfg.train.seed,
+                                          cfg.data.num_workers, collate_fn(cfg), on_bad=cfg.data.on_bad_sample)
+        val_loader = build_eval_loader(cfg, datasets["val"], info)
+        metrics = engine.train_loop(
+            cfg, model, train_loader, info, work_dir,
+            evaluate=lambda m: evaluate(cfg, m, val_loader, info), metric_key=metric_key(cfg), resume=resume,
+            classes=classes, before_training=lambda m: init_centroids_from_data(cfg, m, datasets["train"], info),
+            resume_state=ckpt, on_saved=replaced.commit if replaced else None)
+    except BaseException:
+        if replaced:  # the new run failed before its first checkpoint: the old one comes back
+            replaced.rollback()
+        raise
     if info.is_main and not metrics.get("stopped"):
         write_json(work_dir / "metrics.json", metrics)
     return metrics, work_dir, info

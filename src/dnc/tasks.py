@@ -243,6 +243,16 @@ def load_trained_model(cfg: Config, ckpt: dict, path) -> nn.Module:
     return model
 
 
+def checkpoint_classes(ckpt: dict, cfg: Config, path) -> list:
+    """The class names of a checkpoint (``"0"``, ``"1"``, ... when it has none), checked: one per class
+    of the model, each a valid name (:func:`~dnc.validate.check_class_names`)."""
+    from .validate import check_class_names
+    classes = check_class_names(ckpt.get("classes") or [str(i) for i in range(cfg.data.num_classes)], path)
+    if len(classes) != cfg.data.num_classes:
+        raise ConfigError(f"{path}: holds {len(classes)} class names for a model of {cfg.data.num_classes} classes")
+    return classes
+
+
 def checkpoint_config(ckpt: dict, path, overrides: Sequence[str] = ()) -> Config:
     """The config saved in a ``dnc train`` / ``dnc explain`` checkpoint, with ``key=value`` overrides."""
     from .config import _override
@@ -305,8 +315,7 @@ def load_model(checkpoint, device: Union[str, torch.device] = "cpu") -> Tuple[nn
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, checkpoint)
     model = load_trained_model(cfg, ckpt, checkpoint).to(device).eval()
-    classes = list(ckpt.get("classes") or [str(i) for i in range(cfg.data.num_classes)])
-    return model, classes, eval_transform(cfg)
+    return model, checkpoint_classes(ckpt, cfg, checkpoint), eval_transform(cfg)
 
 
 def build_eval_loader(cfg: Config, dataset, info: DistInfo):

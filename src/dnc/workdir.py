@@ -1,8 +1,8 @@
 """A training's work dir: one training at a time, and starting over without losing the old run.
 
-* :func:`lock_work_dir` takes an advisory lock (``fcntl.flock`` on ``WORK_DIR/.lock``) held for the
-  life of the training process. The kernel drops it when the process ends, however it ends, so a
-  killed run leaves no stale lock; a second ``train``, ``--resume`` or ``--force`` is refused in one
+* :func:`work_dir_lock` holds an advisory lock (``fcntl.flock`` on ``WORK_DIR/.lock``) while a
+  training runs. The kernel drops it when the process ends, however it ends, so a killed run leaves
+  no stale lock; a second ``train``, ``--resume`` or ``--force`` is refused in one
   line naming the holder's pid.
 * :class:`StartOver` is ``--force``: the old run's files are moved aside into a hidden folder, put back
   if the new run fails before its first checkpoint, and removed once that checkpoint is written.
@@ -11,43 +11,57 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["WorkDirBusy", "lock_work_dir", "StartOver", "RUN_FILES"]
+__all__ = ["WorkDirBusy", "work_dir_lock", "StartOver", "RUN_FILES"]
 
 RUN_FILES = ("config.yaml", "log.jsonl", "last.pt", "best.pt", "metrics.json", "tensorboard")
 _LOCK = ".lock"
 _ASIDE = ".replaced."
-
-_held: dict = {}  # work dir -> file descriptor of its lock, for the life of the process
 
 
 class WorkDirBusy(RuntimeError):
     """Another process trains in this work dir."""
 
 
-def lock_work_dir(work_dir) -> None:
-    """Lock ``work_dir`` (created if missing) for this process, or raise :class:`WorkDirBusy` naming the
-    process that holds it. Locking a work dir this process already holds is a no-op."""
+@contextmanager
+def work_dir_lock(work_dir):
+    """Hold ``work_dir``'s lock (the folder is created if missing) for the ``with`` block, or raise
+    :class:`WorkDirBusy` naming the process that holds it. On leaving, the lock file is removed, and the
+    folder too if this call created it and nothing else was written there."""
     import fcntl
 
     work_dir = Path(work_dir)
-    key = str(work_dir.resolve())
-    if key in _held:
-        return
+    created = not work_dir.exists()
     work_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(work_dir / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    path = work_dir / _LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WorkDirBusy(f"{work_dir} is in use by another training (process {holder}): wait for it to end "
+                              f"or stop it, or use another --work-dir") from None
+        try:  # the file we locked may have been removed by the holder we waited for: lock the current one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         os.close(fd)
-        raise WorkDirBusy(f"{work_dir} is in use by another training (process {holder}): wait for it to end or "
-                          f"stop it, or use another --work-dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _held[key] = fd
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if created and not any(work_dir.iterdir()):
+            work_dir.rmdir()
 
 
 class StartOver:

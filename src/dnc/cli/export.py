@@ -9,6 +9,7 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint to export (dnc train, dnc explain, dnc extend or dnc calibrate)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists (never the checkpoint)")
     p.add_argument("--atol", type=float, default=1e-3, help="largest allowed difference from PyTorch (default 1e-3)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="input size traced and checked (default: the config's evaluation size)")
@@ -17,7 +18,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> dict:
     from ..export import run_export
-    r = run_export(args.checkpoint, args.format, args.out, args.atol, args.size)
+    r = run_export(args.checkpoint, args.format, args.out, args.atol, args.size, args.force)
     shapes = ", ".join("x".join(map(str, s)) for s in r["inputs"])
     print(f"{r['format']} -> {r['out']}; largest difference from PyTorch {r['max_abs_diff']:.3g} on inputs {shapes} "
           f"(tolerance {r['atol']:g})", flush=True)

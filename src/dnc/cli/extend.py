@@ -12,6 +12,7 @@ def add_parser(sub) -> None:
                    help="a new class and the folder of its images (any tree)")
     p.add_argument("--remove", action="append", default=[], metavar="NAME", help="a class to drop")
     p.add_argument("--out", required=True, metavar="CKPT2", help="the extended checkpoint (.pt); its config goes to CKPT2.yaml")
+    p.add_argument("--force", action="store_true", help="replace CKPT2 if it exists (never the checkpoint)")
     p.add_argument("--val", action="store_true",
                    help="print the old classes' validation accuracy before and after (the config's val split)")
     p.add_argument("--refit-old", action="store_true",
@@ -40,7 +41,7 @@ def run(args) -> dict:
     from ..extend import WARN_DROP, run_extend
     cfg = load_config(args.config, tuple(args.overrides))
     s = run_extend(cfg, args.checkpoint, _parse_add(args.add), args.remove, args.out, args.val, args.device,
-                   args.refit_old)
+                   args.refit_old, args.force)
     added = ", ".join(f"{n} ({c} images)" for n, c in s["added"].items()) or "none"
     print(f"{len(s['classes'])} classes; added {added}; removed {', '.join(s['removed']) or 'none'} -> {args.out} "
           f"(config {s['config']}; its data.root must hold every class to test or train on it)", flush=True)

@@ -17,10 +17,13 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=0, metavar="B",
                    help="images per forward pass (default: the config's evaluation batch size)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable images, each named in a warning (default: the first one stops predict)")
     p.set_defaults(func=run)
 
 
 def run(args) -> list:
     from ..predict import run_predict
     return run_predict(args.checkpoint, args.images, args.explain, args.pictures, args.topk, args.device,
-                       args.batch_size, args.out, report=lambda line: print(line, flush=True))
+                       args.batch_size, args.out, report=lambda line: print(line, flush=True),
+                       skip_bad=args.skip_bad)

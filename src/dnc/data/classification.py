@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from ..validate import check_class_names
 from .images import IMG_EXTENSIONS, find_files, read_rgb, sample_name
 
 __all__ = [
@@ -140,11 +141,13 @@ class CIFAR(Dataset):
 
 # -------------------------------------------------------------------------------- ImageFolder
 def find_classes(root) -> List[str]:
-    """Sorted names of the class folders in ``root`` (sub-folders not starting with '.')."""
+    """Sorted names of the class folders in ``root`` (sub-folders not starting with '.'), each a valid
+    class name (:func:`~dnc.validate.check_class_names`)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image folder not found")
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    return check_class_names(names, root)
 
 
 class ImageFolder(Dataset):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -29,10 +30,19 @@ def read_rgb(path) -> Image.Image:
     """Decode an image file as 8-bit RGB; any failure is one ``ValueError`` naming the file.
 
     16-bit grayscale (PIL modes ``I;16*`` and ``I``) is scaled to 8 bits (``round(v / 257)``), where
-    PIL's own conversion would clip every value above 255 to white; floating-point images are refused.
+    PIL's own conversion would clip every value above 255 to white; floating-point images are refused,
+    and so are images of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (about 89 million), from their
+    header, before anything is decoded.
     """
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+            img = Image.open(path)
+        with img:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:
+                raise ValueError(f"{img.width}x{img.height} pixels is too large to decode (the limit is "
+                                 f"{limit} pixels); downscale it first")
             if img.mode == "F":
                 raise ValueError("floating-point pixels (mode F) are not supported; save it as 8 or 16 bits")
             if img.mode.startswith("I"):

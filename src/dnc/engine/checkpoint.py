@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..files import atomic_write
+from ..validate import check_finite
 from .distributed import DistInfo
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_resumable",
@@ -31,8 +32,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
-    """Load a ``dnc`` checkpoint without unpickling arbitrary objects (``weights_only``); ``mmap``: tensors
-    are read from the file only when used."""
+    """Load a ``dnc`` checkpoint without unpickling arbitrary objects (``weights_only``), every tensor of its
+    model and optimiser state checked finite; ``mmap``: tensors are read from the file only when used."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: checkpoint not found")
@@ -43,6 +44,10 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
         raise CheckpointError(f"{p}: not a readable dnc checkpoint (truncated or foreign file?): {msg}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p}: not a dnc checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    try:
+        check_finite({k: state[k] for k in ("model", "optimizer") if isinstance(state.get(k), dict)}, p)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     return state
 
 

@@ -2,8 +2,15 @@
 transforms seeded from (seed, epoch, index), unreadable samples counted, workers deaf to stop signals."""
 from __future__ import annotations
 
+import atexit
+import ctypes
 import functools
+import multiprocessing
+import multiprocessing.util  # noqa: F401 - its exit handler is registered before ours (ours runs first)
+import os
 import signal
+import sys
+import threading
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -88,11 +95,44 @@ class IndexedCollate:
 def ignore_stop_signals(worker_id: int, then: Optional[Callable[[int], None]] = None) -> None:
     """``worker_init_fn`` of every loader: a DataLoader worker ignores SIGINT/SIGTERM, so that a signal sent
     to the whole process group (a cluster scheduler, Ctrl-C) leaves stopping and saving to the main
-    process instead of killing the workers under it. ``then``: a ``worker_init_fn`` of the caller's."""
+    process instead of killing the workers under it. Deaf to those, a worker still ends with its parent:
+    the parent's death kills it (Linux: ``PR_SET_PDEATHSIG``), and so does the parent's exit
+    (:func:`_kill_workers_at_exit`). ``then``: a ``worker_init_fn`` of the caller's."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
     if then is not None:
         then(worker_id)
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when the thread that started it ends (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    """At the interpreter's exit, SIGKILL the daemonic children still alive (DataLoader workers whose
+    iterator outlived the program, e.g. kept by a traceback). ``multiprocessing`` would send them SIGTERM,
+    which they ignore, and then wait for them forever. Registered after ``multiprocessing``'s own exit
+    handler, it runs before it."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if not workers:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for each killed worker
+    for child in workers:
+        child.kill()
+    for child in workers:
+        child.join(timeout=5)
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, info: DistInfo, seed: int, num_workers: int,

@@ -34,10 +34,12 @@ class _Run:
     where it stands (:class:`TrainState`), the logs, and the sums of the current log window."""
 
     def __init__(self, cfg: Config, model: nn.Module, loader: DataLoader, info: DistInfo, work_dir: Path,
-                 evaluate: Callable[[nn.Module], dict], metric_key: str, classes: Optional[list]):
+                 evaluate: Callable[[nn.Module], dict], metric_key: str, classes: Optional[list],
+                 on_saved: Optional[Callable[[], None]] = None):
         t = cfg.train
         self.cfg, self.model, self.loader, self.info, self.work_dir = cfg, model, loader, info, work_dir
         self.evaluate_fn, self.metric_key, self.classes = evaluate, metric_key, list(classes or [])
+        self.on_saved = on_saved
         iters_per_epoch = len(loader)
         self.total = t.iters if t.iters else t.epochs * iters_per_epoch
         model.to(info.device)
@@ -99,6 +101,8 @@ class _Run:
                 "train_state": vars(self.state).copy(), "rng": rng_state(), "config": to_dict(self.cfg),
                 "classes": self.classes, "metrics": metrics or {},
                 "world": info.world, "per_process": per_process})
+            if self.on_saved is not None:
+                self.on_saved()
         if dist.is_initialized():
             dist.barrier()
 
@@ -231,16 +235,17 @@ def train_one_epoch(run: _Run) -> Optional[dict]:
 def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: DistInfo, work_dir: Path,
                evaluate: Callable[[nn.Module], dict], metric_key: str, resume: Optional[str] = None,
                classes: Optional[list] = None, before_training: Optional[Callable[[nn.Module], None]] = None,
-               resume_state: Optional[dict] = None) -> dict:
+               resume_state: Optional[dict] = None, on_saved: Optional[Callable[[], None]] = None) -> dict:
     """Train ``model`` as ``cfg`` says; returns the final evaluation metrics, or ``{"stopped": True, "iter",
     "reason"}`` when a signal or ``train.stop_after`` stopped it with a resumable ``last.pt``.
 
     ``resume``: the checkpoint to continue from (``resume_state``: its contents, if already loaded).
-    ``evaluate(model)`` runs on every process and returns the same metrics dict on each.
+    ``evaluate(model)`` runs on every process and returns the same metrics dict on each; ``on_saved()``
+    runs on process 0 after each checkpoint is written.
     """
     if len(train_loader) == 0:
         raise TrainingError(f"the training set is smaller than one batch ({cfg.data.batch_size} x {info.world} processes)")
-    run = _Run(cfg, model, train_loader, info, work_dir, evaluate, metric_key, classes)
+    run = _Run(cfg, model, train_loader, info, work_dir, evaluate, metric_key, classes, on_saved)
     run.start(resume, resume_state, before_training)
     with run.stop, closing(run.progress):  # closed on errors too, so that an error message starts its own line
         while run.state.it < run.total:
