@@ -61,7 +61,7 @@ def _check_same_run(cfg, saved: dict, path: str, config: str) -> None:
         a, b = ours, saved
         for part in key.split("."):
             a, b = a.get(part), (b or {}).get(part)
-        if a != b:
+        if a is not None and a != b:  # None: left to the data or the weights (resolved in the saved config)
             raise CheckpointError(f"{path}: a checkpoint of another run ({key} is {b!r} there, {a!r} in {config})")
 
 
@@ -79,7 +79,8 @@ def cmd_train(args) -> dict:
     from .config import load_config, resume_config, to_dict
     from .engine import load_resumable, make_loader, setup_distributed, train_loop
     from .files import remove_stale_temporaries
-    from .tasks import build_datasets, build_eval_loader, build_model, collate_fn, evaluate, init_centroids_from_data, metric_key
+    from .tasks import (build_datasets, build_eval_loader, build_model, collate_fn, evaluate, init_centroids_from_data,
+                        metric_key, resolve_config)
 
     # Resuming, the run's config is the checkpoint's (checked below); the overrides are checked against it.
     cfg = load_config(args.config, tuple(args.overrides), validate=not args.resume)
@@ -94,6 +95,7 @@ def cmd_train(args) -> dict:
         cfg, notes = resume_config(ckpt["config"], tuple(args.overrides), resume)
     else:
         _fresh_work_dir(work_dir, getattr(args, "force", False))
+        cfg = resolve_config(cfg)  # the classes and the weights' preprocessing, saved with the run
     info = setup_distributed(cfg.train.device)
     _threads(cfg.train.threads)
     _seed(cfg.train.seed + info.rank, cfg.train.deterministic)
@@ -128,14 +130,32 @@ def cmd_train(args) -> dict:
     return metrics
 
 
-def _test_inputs(args) -> tuple:
-    """``(config or None, checkpoint, overrides)`` of ``dnc test [CONFIG] CHECKPOINT [key=value ...]``."""
+def _test_inputs(args, command: str = "test") -> tuple:
+    """``(config or None, checkpoint, overrides)`` of ``dnc COMMAND [CONFIG] CHECKPOINT [key=value ...]``."""
     from .config import ConfigError
     files = [x for x in args.inputs if "=" not in x]
     overrides = [x for x in args.inputs if "=" in x] + list(args.overrides)
     if len(files) not in (1, 2):
-        raise ConfigError(f"dnc test takes [CONFIG] CHECKPOINT, got {len(files)} paths: {' '.join(files)}")
+        raise ConfigError(f"dnc {command} takes [CONFIG] CHECKPOINT, got {len(files)} paths: {' '.join(files)}")
     return (files[0] if len(files) == 2 else None), files[-1], overrides
+
+
+def checkpoint_command_config(args, command: str) -> tuple:
+    """``(config, checkpoint path, config file or None)`` of a command on ``[CONFIG] CHECKPOINT``: the
+    config file's (resolved as dnc train resolves it), else the one saved in the checkpoint."""
+    from .engine import load_checkpoint
+    from .tasks import command_config
+    config, checkpoint, overrides = _test_inputs(args, command)
+    ckpt = {} if config else load_checkpoint(checkpoint, mmap=True)
+    return command_config(config, ckpt, checkpoint, overrides), checkpoint, config
+
+
+def add_checkpoint_inputs(p, what: str) -> None:
+    """The ``[CONFIG] CHECKPOINT [key=value ...]`` positionals of a command on a checkpoint."""
+    p.add_argument("inputs", nargs="+", metavar="[CONFIG] CHECKPOINT",
+                   help=f"{what}, which holds its config; or a config file and the checkpoint. key=value overrides "
+                        "may follow")
+    p.set_defaults(overrides=[])
 
 
 def _print_details(cfg, result: dict, classes: list) -> None:
@@ -160,15 +180,15 @@ def _print_details(cfg, result: dict, classes: list) -> None:
 
 
 def cmd_test(args) -> dict:
-    from .config import ConfigError, load_config
+    from .config import ConfigError
     from .engine import load_checkpoint, setup_distributed
-    from .tasks import build_eval_loader, build_eval_split, check_classes, checkpoint_config, evaluate, load_trained_model
+    from .tasks import build_eval_loader, build_eval_split, check_classes, command_config, evaluate, load_trained_model
 
     if args.out and Path(args.out).suffix not in (".json", ".pkl"):
         raise ConfigError(f"--out {args.out}: use a .json or .pkl file")
     config, checkpoint, overrides = _test_inputs(args)
     ckpt = load_checkpoint(checkpoint)
-    cfg = load_config(config, tuple(overrides)) if config else checkpoint_config(ckpt, checkpoint, overrides)
+    cfg = command_config(config, ckpt, checkpoint, overrides)
     valid = {"classification": {"accuracy"}, "segmentation": {"mIoU"}}[cfg.task]
     for m in args.metrics or []:
         if m not in valid:

@@ -8,6 +8,8 @@ schedule, loss scaler, RNG states and the position inside the epoch.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import json
 import math
@@ -393,11 +395,19 @@ def train_loop(cfg: Config, model: nn.Module, train_loader: DataLoader, info: Di
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.sched, total, iters_per_epoch)
+    sched, shortened = cfg.sched, None
+    if sched.warmup_iters > total:  # a warm-up longer than the run would never reach the learning rate
+        shortened = f"sched.warmup_iters={sched.warmup_iters} is longer than the run ({total} iterations): shortened to {total}"
+        sched = dataclasses.replace(sched, warmup_iters=total)
+    scheduler = build_scheduler(optimizer, sched, total, iters_per_epoch)
     scaler = torch.amp.GradScaler(info.device.type, enabled=t.amp == "fp16")
     state = TrainState()
     log = JsonLogger(work_dir / "log.jsonl" if info.is_main else None,
                      work_dir / "tensorboard" if t.tensorboard else None)
+    if shortened:
+        if info.is_main:
+            print(f"dnc: warning: {shortened}", file=sys.stderr, flush=True)
+        log(mode="warning", message=shortened)
     if resume:
         ckpt = resume_state if resume_state is not None else load_resumable(resume)
         model.load_state_dict(ckpt["model"])

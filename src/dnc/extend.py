@@ -287,9 +287,9 @@ def run_extend(cfg, checkpoint, add: Sequence[str], remove: Sequence[str], out, 
 
 
 def _cmd_extend(args) -> dict:
-    from .config import load_config
-    cfg = load_config(args.config, tuple(args.overrides))
-    s = run_extend(cfg, args.checkpoint, args.add, args.remove, args.out, args.val, args.device, args.refit_old)
+    from .cli import checkpoint_command_config
+    cfg, checkpoint, _ = checkpoint_command_config(args, "extend")
+    s = run_extend(cfg, checkpoint, args.add, args.remove, args.out, args.val, args.device, args.refit_old)
     added = ", ".join(f"{n} ({c} images)" for n, c in s["added"].items()) or "none"
     print(f"{len(s['classes'])} classes; added {added}; removed {', '.join(s['removed']) or 'none'} -> {args.out} "
           f"(config {s['config']}; its data.root must hold every class to test or train on it)", flush=True)
@@ -311,8 +311,8 @@ def _cmd_extend(args) -> dict:
 def add_commands(subparsers) -> None:
     """Register ``dnc extend`` on an ``argparse`` sub-parsers object."""
     p = subparsers.add_parser("extend", help="add classes from a few images or remove classes, without retraining")
-    p.add_argument("config", help="YAML config of the model (a file, or a path inside the shipped configs)")
-    p.add_argument("checkpoint", help="checkpoint whose classes change (dnc train, dnc explain or dnc extend)")
+    from .cli import add_checkpoint_inputs
+    add_checkpoint_inputs(p, "checkpoint whose classes change (dnc train, dnc explain or dnc extend)")
     p.add_argument("--add", action="append", default=[], metavar="NAME=DIR",
                    help="a new class and the folder of its images (any tree)")
     p.add_argument("--remove", action="append", default=[], metavar="NAME", help="a class to drop")
@@ -323,5 +323,4 @@ def add_commands(subparsers) -> None:
                    help="also re-fit the old classes' sub-centroids on the current embeddings of the config's "
                         "training split (prevents the collapse of stale old classes; changes them)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_extend)

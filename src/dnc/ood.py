@@ -267,9 +267,9 @@ def apply_threshold(scores: dict, ckpt: dict) -> Optional[list]:
 
 
 def _cmd_calibrate(args) -> dict:
-    from .config import load_config
-    cfg = load_config(args.config, tuple(args.overrides))
-    ood = calibrate(cfg, args.checkpoint, args.out, args.tpr, args.score, args.device)
+    from .cli import checkpoint_command_config
+    cfg, checkpoint, _ = checkpoint_command_config(args, "calibrate")
+    ood = calibrate(cfg, checkpoint, args.out, args.tpr, args.score, args.device)
     print(f"{ood['score']} threshold {ood['threshold']:.6f} keeps {100 * ood['kept']:.2f}% of "
           f"{ood['val_images']} validation images -> {args.out}", flush=True)
     return ood
@@ -278,13 +278,12 @@ def _cmd_calibrate(args) -> dict:
 def add_commands(subparsers) -> None:
     """Register ``dnc calibrate`` on an ``argparse`` sub-parsers object."""
     p = subparsers.add_parser("calibrate", help="store an open-set threshold in a checkpoint (predict says 'unknown' below it)")
-    p.add_argument("config", help="YAML config of the model (a file, or a path inside the shipped configs)")
-    p.add_argument("checkpoint", help="checkpoint to calibrate (dnc train or dnc explain)")
+    from .cli import add_checkpoint_inputs
+    add_checkpoint_inputs(p, "checkpoint to calibrate (dnc train or dnc explain)")
     p.add_argument("--out", required=True, metavar="CKPT2", help="the calibrated checkpoint to write")
     p.add_argument("--tpr", type=float, default=0.95, help="fraction of validation images kept (default 0.95)")
     p.add_argument("--score", default=None, help="cosine (DNC, default), msp or energy (linear default: msp)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_calibrate)
 
 

@@ -20,7 +20,8 @@ from .engine import DistInfo, make_loader, unwrap
 
 __all__ = ["build_model", "build_cls_split", "build_datasets", "build_eval_split", "load_trained_model", "load_model",
            "normalization", "cls_transform", "eval_transform", "build_eval_loader", "evaluate", "metric_key",
-           "head_kwargs", "collate_fn", "autocast", "init_centroids_from_data", "check_classes", "training_subset"]
+           "head_kwargs", "collate_fn", "autocast", "init_centroids_from_data", "check_classes", "training_subset",
+           "resolve_config", "resolve_preprocessing", "resolve_num_classes", "command_config", "checkpoint_config"]
 
 
 def head_kwargs(cfg: Config) -> dict:
@@ -37,6 +38,7 @@ def build_model(cfg: Union[Config, str, Path], pretrained: Optional[str] = None,
     (``""``: no pretrained weights)."""
     if not isinstance(cfg, Config):
         cfg = load_config(str(cfg), tuple(overrides))
+    cfg = resolve_num_classes(cfg)
     weights = cfg.model.pretrained if pretrained is None else pretrained
     if weights and os.path.isfile(weights) and os.path.getsize(weights) == 0:
         raise ConfigError(f"model.pretrained: {weights} is empty (0 bytes; an interrupted download?)")
@@ -67,10 +69,14 @@ def _build_model(cfg: Config, pretrained: Optional[str] = None) -> nn.Module:
     weights = m.pretrained if pretrained is None else pretrained
     if cfg.task == "classification":
         from .models.classifier import Classifier
-        return Classifier(m.backbone, cfg.data.num_classes, m.head, weights, m.backbone_kwargs, head_kwargs(cfg))
-    from .models.segmenter import Segmenter
-    return Segmenter(m.backbone, cfg.data.num_classes, m.decoder, m.head, weights, m.backbone_kwargs,
-                     head_kwargs(cfg), m.decoder_channels, m.output_stride, m.aux_weight)
+        model = Classifier(m.backbone, cfg.data.num_classes, m.head, weights, m.backbone_kwargs, head_kwargs(cfg))
+    else:
+        from .models.segmenter import Segmenter
+        model = Segmenter(m.backbone, cfg.data.num_classes, m.decoder, m.head, weights, m.backbone_kwargs,
+                          head_kwargs(cfg), m.decoder_channels, m.output_stride, m.aux_weight)
+    # Labels checked up front (data.check_labels) need no check in every step (a host read: a GPU sync).
+    model.head_module().check_labels = not cfg.data.check_labels
+    return model
 
 
 def metric_key(cfg: Config) -> str:
@@ -105,25 +111,84 @@ def build_cls_split(cfg: Config, split: str, transform) -> "torch.utils.data.Dat
     return ds
 
 
-def normalization(cfg: Config) -> tuple:
-    """``(mean, std)`` of the input normalisation: ``data.mean``/``data.std`` if set, else what the
-    pip ImageNet weights expect (``model.pretrained=imagenet``), else ``(None, None)`` (the preset's)."""
+_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "ade20k": 150, "cityscapes": 19, "camvid": 11}
+
+
+def resolve_num_classes(cfg: Config) -> Config:
+    """``cfg`` with ``data.num_classes`` set where it is None: the class folders of an image folder
+    (``root/train``'s, or ``root``'s), ``dataset_kwargs.classes``, or the dataset's fixed number."""
+    d = cfg.data
+    if d.num_classes is not None:
+        return cfg
+    n = len(d.dataset_kwargs["classes"]) if d.dataset_kwargs.get("classes") else _CLASSES.get(d.dataset)
+    if d.dataset == "folder" and n is None:
+        n = d.dataset_kwargs.get("num_classes")
+    if d.dataset == "imagefolder" and n is None:
+        _check_root(cfg)
+        from .data.classification import find_classes
+        root = Path(d.root)
+        n = len(find_classes(root / "train" if (root / "train").is_dir() else root))
+        if n == 0:
+            raise ConfigError(f"{d.root}: no class folders found (data.root holds one folder per class)")
+    if n is None:
+        raise ConfigError(f"data.num_classes must be set for dataset {d.dataset} (the number of classes of its masks)")
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, num_classes=n))
+
+
+_WEIGHT_SIZED = ("imagenet", "swin")  # presets whose input size and resizing are the weights' (not the dataset's)
+
+
+def resolve_preprocessing(cfg: Config) -> Config:
+    """``cfg`` with the preprocessing of its pretrained weights where the config leaves it to them (None).
+
+    From the weights' timm ``pretrained_cfg`` (:func:`~dnc.models.pretrained.weights_data_config`):
+    ``data.mean``/``data.std`` always; for the ``imagenet``/``swin`` presets also ``data.interpolation``,
+    ``data.crop_pct`` and ``data.img_size`` (the ``cifar``/``digits`` presets keep the dataset's size and
+    resizing). Without pretrained weights, or with preset ``none``, nothing changes (the preset's
+    defaults apply). Values given in the config win. ``dnc train`` writes the result into the run's
+    config.yaml and checkpoints, so that every later command reads the same values."""
     d, m = cfg.data, cfg.model
-    if d.mean is not None or d.std is not None:
-        if d.mean is None or d.std is None:
-            raise ConfigError("set both data.mean and data.std, or neither")
-        return tuple(d.mean), tuple(d.std)
-    if m.pretrained == "imagenet":
-        from .models.pretrained import imagenet_normalization
-        return imagenet_normalization(m.backbone)
-    return None, None
+    if (d.mean is None) != (d.std is None):
+        raise ConfigError("set both data.mean and data.std, or neither")
+    sized = cfg.task == "classification" and d.preset in _WEIGHT_SIZED
+    keys = ["mean", "std"] + (["interpolation", "crop_pct", "img_size"] if sized else [])
+    missing = [k for k in keys if getattr(d, k) is None]
+    if not m.pretrained or not missing or (cfg.task == "classification" and d.preset == "none"):
+        return cfg
+    from .models.pretrained import weights_data_config
+    weights = weights_data_config(m.backbone, m.pretrained, m.backbone_kwargs)
+    if not weights:
+        return cfg
+    found = {"mean": weights.get("mean"), "std": weights.get("std"), "interpolation": weights.get("interpolation"),
+             "crop_pct": weights.get("crop_pct"),
+             "img_size": weights["input_size"][-1] if weights.get("input_size") else None}
+    if d.mean is not None or found["mean"] is None or found["std"] is None:
+        missing = [k for k in missing if k not in ("mean", "std")]
+    new = {k: [float(v) for v in found[k]] if k in ("mean", "std") else found[k]
+           for k in missing if found[k] is not None}
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, **new)) if new else cfg
+
+
+def resolve_config(cfg: Config) -> Config:
+    """The config of a run with what it leaves to the data and the weights filled in:
+    :func:`resolve_num_classes` and :func:`resolve_preprocessing` (idempotent; given values win)."""
+    return resolve_preprocessing(resolve_num_classes(cfg))
+
+
+def normalization(cfg: Config) -> tuple:
+    """``(mean, std)`` of the input normalisation: ``data.mean``/``data.std`` if set, else the pretrained
+    weights' (:func:`resolve_preprocessing`), else ``(None, None)`` (the preset's)."""
+    d = resolve_preprocessing(cfg).data
+    return (tuple(d.mean), tuple(d.std)) if d.mean is not None else (None, None)
 
 
 def cls_transform(cfg: Config, train: bool):
     """The train or evaluation transform of a classification config (``data.preset``, ``data.img_size``,
-    normalised as :func:`normalization` says)."""
+    ``data.interpolation``, ``data.crop_pct``, normalised as :func:`normalization` says), with the
+    pretrained weights' values where the config leaves them open (:func:`resolve_preprocessing`)."""
     from .data.transforms import build_cls_transform
-    return build_cls_transform(cfg.data.preset, train, cfg.data.img_size, *normalization(cfg))
+    d = resolve_preprocessing(cfg).data
+    return build_cls_transform(d.preset, train, d.img_size, d.mean, d.std, d.interpolation, d.crop_pct)
 
 
 def _seg_transform(cfg: Config, train: bool):
@@ -250,10 +315,39 @@ def checkpoint_config(ckpt: dict, path, overrides: Sequence[str] = ()) -> Config
     saved = ckpt.get("config")
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: has no saved config; pass the config file too (dnc test CONFIG CHECKPOINT)")
-    data = saved
+    data = _as_trained(saved)
     for item in overrides:
         data = _override(data, item)
     return from_dict(Config, data).validate()
+
+
+def _as_trained(saved: dict) -> dict:
+    """A config saved before ``dnc train`` wrote the weights' preprocessing into it (no ``data.crop_pct``
+    key) with pretrained weights: the preprocessing it was trained with made explicit (the preset's, and
+    the pip weights' mean and std for ``model.pretrained=imagenet``), so that it is not resolved anew."""
+    data, model = saved.get("data") or {}, saved.get("model") or {}
+    if "crop_pct" in data or not model.get("pretrained"):
+        return saved
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, preset_defaults
+    if saved.get("task", "classification") == "classification":
+        then = preset_defaults(data.get("preset", "none"))
+    else:
+        then = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    if model["pretrained"] == "imagenet" and then:
+        then["mean"], then["std"] = [0.5] * 3, [0.5] * 3  # what normalization() gave these runs
+    fill = {k: v for k, v in then.items() if data.get(k) is None and v is not None}
+    if data.get("mean") is not None:  # mean and std were given together
+        fill.pop("mean", None), fill.pop("std", None)
+    return {**saved, "data": {**data, **fill, "crop_pct": fill.get("crop_pct", data.get("crop_pct"))}}
+
+
+def command_config(config: Optional[str], ckpt: dict, checkpoint, overrides: Sequence[str] = ()) -> Config:
+    """The config of a command on a checkpoint: the YAML file ``config`` with the ``key=value`` overrides,
+    resolved as ``dnc train`` resolves a run's (:func:`resolve_config`); without a file, the config the
+    checkpoint holds (with the overrides)."""
+    if config:
+        return resolve_config(load_config(str(config), tuple(overrides)))
+    return checkpoint_config(ckpt, checkpoint, overrides)
 
 
 class _SegImageTransform:
