@@ -236,11 +236,14 @@ def _load_error(e: Exception, label: str, repo: Optional[str]) -> str:
 
 @contextmanager
 def _loading(label: str, repo: Optional[str]):
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     try:
         yield
+    except (LocalEntryNotFoundError, HfHubHTTPError) as e:  # (the first is also a FileNotFoundError)
+        raise ValueError(_load_error(e, label, repo)) from None
     except (ValueError, FileNotFoundError, AssertionError):  # ours, or timm's on an option (e.g. output_stride)
         raise
-    except Exception as e:  # noqa: BLE001 - hub, network, file and state-dict errors, each as one line
+    except Exception as e:  # noqa: BLE001 - network, file and state-dict errors, each as one line
         if isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
             raise  # an option the architecture does not take: the caller names the config key
         raise ValueError(_load_error(e, label, repo)) from None
@@ -261,7 +264,7 @@ def _timm_repo(name: str) -> str:
 
 def _hub_config(kind: str, where: str) -> Tuple[dict, str, dict]:
     """``(pretrained_cfg, architecture, model_args)`` of a hub repository or snapshot folder (its config.json)."""
-    from timm.models import load_model_config_from_hf, load_model_config_from_path
+    from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
     with _loading(f"model.pretrained={kind}:{where}" if kind == "hf-hub" else f"{where}/config.json", where):
         return load_model_config_from_hf(where) if kind == "hf-hub" else load_model_config_from_path(where)
 
