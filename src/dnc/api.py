@@ -43,7 +43,10 @@ def create_model(name: str, num_classes: Optional[int] = None, head: str = "dnc"
     if num_classes is None:
         from .models.backbones import create_backbone
         backbone = create_backbone(name, weights, **(backbone_kwargs or {}))
-        return replace_head(backbone, head, None, **head_options)
+        n = (getattr(backbone, "pretrained_cfg", None) or {}).get("num_classes")
+        if not n:
+            raise ValueError(f"create_model: the weights of {name!r} name no number of classes; pass num_classes")
+        return Classifier(backbone, n, head, head_kwargs=head_options)
     return Classifier(name, num_classes, head, weights, backbone_kwargs, head_options)
 
 
@@ -53,8 +56,7 @@ def replace_head(model: nn.Module, head: str = "dnc", num_classes: Optional[int]
     ``num_classes`` classes (None: the model's) placed on its pooled features."""
     if not hasattr(model, "reset_classifier"):
         raise ValueError(f"replace_head: {type(model).__name__} is not a timm classifier (it has no reset_classifier)")
-    n = num_classes if num_classes is not None else \
-        (getattr(model, "num_classes", 0) or (getattr(model, "pretrained_cfg", None) or {}).get("num_classes"))
+    n = num_classes if num_classes is not None else getattr(model, "num_classes", 0)
     if not n:
         raise ValueError(f"replace_head: {type(model).__name__} has no classes to replace; pass num_classes")
     model.reset_classifier(0)

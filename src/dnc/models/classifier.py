@@ -72,6 +72,7 @@ class Classifier(nn.Module):
             self.head_kwargs = dict(head_kwargs)
         device = next(self.head.parameters(), torch.empty(0)).device
         self.head = build_head(self.head_type, self.num_features, num_classes, **self.head_kwargs).to(device)
+        self.head.train(self.training)
 
     @torch.no_grad()
     def embeddings(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None):
