@@ -30,6 +30,8 @@ __all__ = ["DNCHead", "LinearHead", "PixelHead", "build_head", "check_labels"]
 
 
 def _check_width(x: torch.Tensor, in_dim: int, head: str) -> None:
+    if torch.jit.is_tracing():  # a traced export: the shapes were checked when the model ran in PyTorch
+        return
     if x.dim() < 1 or x.shape[-1] != in_dim:
         raise ValueError(f"{head}: features of shape {tuple(x.shape)} have width {x.shape[-1] if x.dim() else 0}, "
                          f"the head takes {in_dim}")
@@ -227,7 +229,7 @@ class PixelHead(nn.Module):
 
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None):
         in_dim = self.head.in_dim
-        if x.dim() != 4 or x.shape[1] != in_dim:
+        if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != in_dim):
             raise ValueError(f"PixelHead: takes a 4-D feature map (B, {in_dim}, H, W), got shape {tuple(x.shape)}")
         b, d, h, w = x.shape
         if target is not None and tuple(target.shape) != (b, h, w):
