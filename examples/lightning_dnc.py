@@ -1,10 +1,10 @@
-"""Deep Nearest Centroids inside PyTorch Lightning: a timm backbone with a ``DNCHead`` on the digits.
+"""Deep Nearest Centroids inside PyTorch Lightning: a timm model with a DNC head (``dnc.create_model``) on the digits.
 
     pip install lightning
     python examples/lightning_dnc.py [--steps 300] [--devices 1]
 
-The head is called with the labels in ``training_step`` (that is what moves the sub-centroids) and
-without them everywhere else. With several devices the DDP strategy must not broadcast buffers:
+The model is called with the labels in ``training_step`` (that is what moves the sub-centroids; it
+returns the logits and the losses, cross-entropy included) and without them everywhere else. With several devices the DDP strategy must not broadcast buffers:
 every process keeps its own share of the head's sub-centroid memory, which process 0's would replace
 at each step (the sub-centroids themselves are updated identically on all processes).
 """
@@ -13,30 +13,30 @@ from __future__ import annotations
 import argparse
 
 import lightning as L
-import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
-from dnc import DNCHead
+import dnc
 
 
 class DNCClassifier(L.LightningModule):
     def __init__(self, backbone: str = "resnet18", num_classes: int = 10, lr: float = 0.05):
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=1)
-        self.head = DNCHead(self.backbone.num_features, num_classes, num_subcentroids=4, momentum=0.9)
+        # any timm name (resnet50.a1_in1k, hf-hub:ORG/NAME); pretrained=True for its weights
+        self.model = dnc.create_model(backbone, num_classes=num_classes, backbone_kwargs={"in_chans": 1},
+                                      num_subcentroids=4, momentum=0.9)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))  # logits
+        return self.model(images)  # logits
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        logits, losses = self.head(self.backbone(images), labels)  # with labels: the sub-centroids move
-        loss = F.cross_entropy(logits, labels) + sum(losses.values())
+        logits, losses = self.model(images, labels)  # with labels: the sub-centroids move
+        loss = sum(losses.values())  # losses["ce"]: the cross-entropy on the logits
         self.log("train_loss", loss, prog_bar=True)
         return loss
 

@@ -68,14 +68,17 @@ def test_pretrained_from_local_file_loads_identical_weights(tmp_path, name, kwar
                    if a.dtype.is_floating_point)
 
 
-def test_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.pth: pretrained weights file not found"):
+def test_pretrained_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="missing.pth: weights file not found"):
         build_encoder("resnet18d", pretrained=tmp_path / "missing.pth")
     wrong = tmp_path / "wrong.pth"
     torch.save(timm.create_model("resnet34").state_dict(), wrong)
     with pytest.raises(ValueError, match="wrong.pth: cannot load into timm model 'resnet18d'"):
         build_encoder("resnet18d", pretrained=wrong)
-    with pytest.raises(ValueError, match="local file path"):
+    import huggingface_hub.constants as hf
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="hf download timm/resnet18d"):  # timm's weights, not in the cache
         build_encoder("resnet18d", pretrained=True)
     with pytest.raises(ValueError, match="not a timm model"):
         build_encoder("no_such_net")

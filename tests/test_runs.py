@@ -29,7 +29,7 @@ SHORT = [*TINY, "train.iters=20", "train.eval_interval=10"]
 
 
 FOLDER = ["data.dataset=imagefolder", "data.num_classes=2", "data.batch_size=8", "model.backbone_kwargs.width=4",
-          "model.backbone_kwargs.num_features=16", "model.dnc.init_samples=64", "train.epochs=0"]
+          "model.backbone_kwargs.num_features=16", "model.dnc.init_samples=64", "train.epochs=0", "sched.warmup_iters=2"]
 
 
 def train(work: Path, *args: str) -> int:

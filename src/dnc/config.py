@@ -55,8 +55,10 @@ class DNCConfig:
 class ModelConfig:
     backbone: str = "resnet18"
     backbone_kwargs: dict = field(default_factory=dict)
-    # a local weights file, a dnc checkpoint, or "imagenet" (pip-installed weights: tf_efficientnet_lite0/1/2)
-    pretrained: Optional[str] = None
+    # where the weights come from (see dnc.models.pretrained): "timm" (or true: timm's pretrained tag of
+    # model.backbone, e.g. resnet50.a1_in1k), "hf-hub:ORG/NAME", a Hugging Face snapshot folder, a local
+    # weights file, a dnc checkpoint, or "imagenet" (pip-installed weights: tf_efficientnet_lite0/1/2)
+    pretrained: Optional[str] = field(default=None, metadata={"bools": {True: "timm", False: None}})
     head: str = _choice("dnc", "linear")
     dnc: DNCConfig = field(default_factory=DNCConfig)
     # segmentation only
@@ -70,7 +72,7 @@ class ModelConfig:
 class DataConfig:
     dataset: str = _choice("digits", "cifar10", "cifar100", "imagefolder", "ade20k", "cityscapes", "camvid", "folder")
     root: Optional[str] = None
-    num_classes: int = 10
+    num_classes: Optional[int] = None  # None: the dataset's (the class folders of an image folder)
     holdout: int = 0
     train_subset: int = 0  # > 0: a fixed, class-balanced random subset of this many training samples
     dataset_kwargs: dict = field(default_factory=dict)
@@ -82,9 +84,14 @@ class DataConfig:
     # classification transforms
     preset: str = _choice("none", "digits", "cifar", "imagenet", "swin")
     img_size: Optional[int] = None
-    # normalisation on the 0-1 scale; None: the pretrained weights' (model.pretrained=imagenet) or the preset's
+    # None: the pretrained weights' (their timm pretrained_cfg, written into the run's saved config by
+    # dnc train), else the preset's. Normalisation on the 0-1 scale; interpolation of the resizes
+    # (bilinear, bicubic, ...); crop_pct: the evaluation centre crop of the imagenet/swin presets,
+    # resizing the short side to img_size / crop_pct first
     mean: Optional[list] = None
     std: Optional[list] = None
+    interpolation: Optional[str] = None
+    crop_pct: Optional[float] = None
     # segmentation transforms and evaluation
     crop_size: list = field(default_factory=lambda: [512, 512])
     scale: Optional[list] = field(default_factory=lambda: [2048, 512])
@@ -152,7 +159,11 @@ class Config:
         t = self.train
         if (t.epochs > 0) == (t.iters > 0):
             raise ConfigError(f"set exactly one of train.epochs and train.iters (got {t.epochs} and {t.iters})")
-        for key, value in (("data.batch_size", self.data.batch_size), ("data.num_classes", self.data.num_classes),
+        if self.data.num_classes is not None and self.data.num_classes < 1:
+            raise ConfigError(f"data.num_classes must be >= 1, got {self.data.num_classes}")
+        if self.data.crop_pct is not None and not 0 < self.data.crop_pct <= 1:
+            raise ConfigError(f"data.crop_pct must be in (0, 1], got {self.data.crop_pct}")
+        for key, value in (("data.batch_size", self.data.batch_size),
                            ("model.dnc.num_subcentroids", self.model.dnc.num_subcentroids),
                            ("model.dnc.update_interval", self.model.dnc.update_interval)):
             if value < 1:
@@ -252,6 +263,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
         if key not in fields:
             raise ConfigError(f"unknown key '{name}'; valid keys: {', '.join(fields)}")
         tp = hints[key]
+        bools = fields[key].metadata.get("bools")
+        if bools and isinstance(value, bool):  # e.g. model.pretrained: true
+            value = bools[value]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value, name + ".")
             continue

@@ -40,10 +40,10 @@ from .config import Config, from_dict, to_dict
 from .data.images import sample_name
 from .embedding import embed_batches, head_of
 from .engine import DistInfo, load_checkpoint, make_loader, save_checkpoint, setup_one_process, unwrap
+from .evaluation import evaluate
 from .files import write_json
 from .report import render_decision, render_gallery, write_report
-from .tasks import (build_cls_split, build_eval_loader, build_eval_split, cls_transform, evaluate,
-                    load_trained_model, training_subset)
+from .tasks import build_cls_split, build_eval_loader, build_eval_split, cls_transform, load_trained_model, training_subset
 
 __all__ = ["TopMSearch", "TrainingMatches", "search_training_set", "anchor_model", "subcentroid_statistics",
            "explain_decisions", "Decisions", "pixel_decisions", "training_config", "run_explain"]

@@ -4,8 +4,16 @@ Every head maps features to class logits with one interface, for images ``(N, D)
 ``PixelHead``, for pixels ``(B, D, H, W)``:
 
 * ``head(x)`` returns logits;
-* ``head(x, target)`` in training mode returns ``(logits, losses)``, where ``losses`` holds any loss
-  beyond the cross-entropy on the logits (which the model computes, at its own resolution).
+* ``head(x, target)`` returns ``(logits, losses)``, where ``losses`` holds any loss beyond the
+  cross-entropy on the logits (which the model computes, at its own resolution); in training mode the
+  DNC head's sub-centroids move with the labels, in eval mode nothing moves and ``losses`` is empty.
+
+Inputs are checked: features of another width than the head's are a ``ValueError`` naming both, and
+labels outside ``[0, C)`` other than the ignore value (-1; ``PixelHead``'s ``ignore_index``) a
+``ValueError`` naming them, raised before anything moves. The label check reads one flag on the host:
+on a GPU that is a synchronisation per step. ``dnc train`` checks every label of the dataset before
+training (``data.check_labels``) and then turns the per-step check off (``head.check_labels = False``);
+a training loop of your own keeps it unless it turns it off the same way.
 """
 from __future__ import annotations
 
@@ -18,7 +26,25 @@ from torch import nn
 
 from .centroids import SubCentroids
 
-__all__ = ["DNCHead", "LinearHead", "PixelHead", "build_head"]
+__all__ = ["DNCHead", "LinearHead", "PixelHead", "build_head", "check_labels"]
+
+
+def _check_width(x: torch.Tensor, in_dim: int, head: str) -> None:
+    if torch.jit.is_tracing():  # a traced export: the shapes were checked when the model ran in PyTorch
+        return
+    if x.dim() < 1 or x.shape[-1] != in_dim:
+        raise ValueError(f"{head}: features of shape {tuple(x.shape)} have width {x.shape[-1] if x.dim() else 0}, "
+                         f"the head takes {in_dim}")
+
+
+def check_labels(target: torch.Tensor, num_classes: int, head: str) -> None:
+    """``ValueError`` naming the labels outside ``[0, num_classes)`` other than -1 (ignored). One host
+    read of a combined flag (a synchronisation on a GPU); the offending values are gathered only then."""
+    bad = (target < -1) | (target >= num_classes)
+    if bad.any():
+        values = torch.unique(target[bad]).tolist()
+        raise ValueError(f"{head}: label(s) {values[:10]}{' ...' if len(values) > 10 else ''} outside "
+                         f"[0, {num_classes}) ({int(bad.sum())} of {target.numel()}); nothing was updated")
 
 
 class DNCHead(nn.Module):
@@ -32,7 +58,8 @@ class DNCHead(nn.Module):
     Training: the sub-centroids move only when the head sees the labels. In a training loop of your
     own, call it as ``logits, losses = head(x, target)`` (``losses``: the weighted auxiliary losses,
     to add to your cross-entropy on ``logits``); ``head(x)`` in training mode returns logits and moves
-    nothing (it warns once). Under ``DistributedDataParallel`` with a memory, wrap the model with
+    nothing (it warns once). In eval mode ``head(x, target)`` returns ``(logits, {})`` and moves nothing.
+    Labels are in ``[0, C)``; -1 marks a sample that takes no part in the clustering (an ignored pixel). Under ``DistributedDataParallel`` with a memory, wrap the model with
     ``broadcast_buffers=False`` (each process keeps its own memory shard; checked at the second step).
 
     Args:
@@ -61,7 +88,8 @@ class DNCHead(nn.Module):
             raise ValueError(f"calibration must be 'temperature' or 'layernorm', got {calibration!r}")
         if (contrast_weight or compact_weight) and memory_size:
             raise ValueError("contrast_weight/compact_weight need the step's own assignment: use memory_size=0")
-        self.num_classes, self.temperature = num_classes, temperature
+        self.in_dim, self.num_classes, self.temperature = in_dim, num_classes, temperature
+        self.check_labels = True
         self.contrast_weight, self.compact_weight = contrast_weight, compact_weight
         self.feat_norm = nn.LayerNorm(in_dim) if feat_norm else nn.Identity()
         self.centroids = SubCentroids(num_classes, in_dim, num_subcentroids, momentum=momentum,
@@ -79,6 +107,9 @@ class DNCHead(nn.Module):
         return self.mask_norm(scores) if self.mask_norm is not None else scores / self.temperature
 
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None):
+        _check_width(x, self.in_dim, "DNCHead")
+        if target is not None and self.check_labels:
+            check_labels(target, self.num_classes, "DNCHead")
         z = self.embed(x)
         sims = self.centroids.similarities(z)
         if not self.training or target is None:
@@ -87,7 +118,8 @@ class DNCHead(nn.Module):
                 warnings.warn("DNCHead called in training mode without labels: the sub-centroids do not move. "
                               "Call it as `logits, losses = head(x, target)` in training steps.", UserWarning,
                               stacklevel=2)
-            return self.calibrate(sims.amax(-1).float())  # plain ops: traceable and exportable
+            logits = self.calibrate(sims.amax(-1).float())  # plain ops: traceable and exportable
+            return logits if target is None else (logits, {})
         nearest = sims.detach().argmax(-1, keepdim=True)  # (N, C, 1): each class's nearest sub-centroid
         with torch.no_grad():  # the clustering needs the prediction before the differentiable scores
             correct = self.calibrate(sims.gather(-1, nearest).squeeze(-1).float()).argmax(1) == target
@@ -170,20 +202,25 @@ class LinearHead(nn.Module):
 
     def __init__(self, in_dim: int, num_classes: int, dropout: float = 0.0):
         super().__init__()
-        self.num_classes = num_classes
+        self.in_dim, self.num_classes = in_dim, num_classes
+        self.check_labels = True
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.fc = nn.Linear(in_dim, num_classes)
 
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None):
+        _check_width(x, self.in_dim, "LinearHead")
+        if target is not None and self.check_labels:
+            check_labels(target, self.num_classes, "LinearHead")
         logits = self.fc(self.dropout(x))
-        return logits if target is None or not self.training else (logits, {})
+        return logits if target is None else (logits, {})
 
 
 class PixelHead(nn.Module):
     """Applies an ``(N, D)`` head to every pixel of a ``(B, D, H, W)`` feature map.
 
     Targets are ``(B, H, W)`` class maps at the feature resolution; ``ignore_index`` pixels take no
-    part in the clustering (they are passed on as -1).
+    part in the clustering (they are passed on as -1); other values outside ``[0, C)`` are an error
+    (the inner head's check). With targets it returns ``(logits, losses)``, in eval mode too.
     """
 
     def __init__(self, head: nn.Module, ignore_index: int = 255):
@@ -191,9 +228,15 @@ class PixelHead(nn.Module):
         self.head, self.ignore_index = head, ignore_index
 
     def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None):
+        in_dim = self.head.in_dim
+        if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != in_dim):
+            raise ValueError(f"PixelHead: takes a 4-D feature map (B, {in_dim}, H, W), got shape {tuple(x.shape)}")
         b, d, h, w = x.shape
+        if target is not None and tuple(target.shape) != (b, h, w):
+            raise ValueError(f"PixelHead: targets of shape {tuple(target.shape)} for a {h}x{w} feature map of "
+                             f"{b} images (B, H, W)")
         flat = x.permute(0, 2, 3, 1).reshape(-1, d)
-        if target is None or not self.training:
+        if target is None:
             return self._unflatten(self.head(flat), b, h, w)
         t = target.reshape(-1)
         logits, losses = self.head(flat, torch.where(t == self.ignore_index, -1, t))
@@ -204,10 +247,10 @@ class PixelHead(nn.Module):
         return logits.view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
-def build_head(kind: str, in_dim: int, num_classes: int, **dnc_kwargs) -> nn.Module:
-    """``kind`` is ``"dnc"`` (with the DNC options) or ``"linear"``."""
+def build_head(kind: str, in_dim: int, num_classes: int, **options) -> nn.Module:
+    """``kind`` is ``"dnc"`` (with the DNC options) or ``"linear"`` (``dropout``)."""
     if kind == "dnc":
-        return DNCHead(in_dim, num_classes, **dnc_kwargs)
+        return DNCHead(in_dim, num_classes, **options)
     if kind == "linear":
-        return LinearHead(in_dim, num_classes)
+        return LinearHead(in_dim, num_classes, **options)
     raise ValueError(f"unknown head {kind!r}; choose 'dnc' or 'linear'")

@@ -52,7 +52,7 @@ def check_same_run(cfg, saved: dict, path: str, config: str) -> None:
         a, b = ours, saved
         for part in key.split("."):
             a, b = a.get(part), (b or {}).get(part)
-        if a != b:
+        if a is not None and a != b:  # None: left to the data or the weights (resolved in the saved config)
             raise CheckpointError(f"{path}: a checkpoint of another run ({key} is {b!r} there, {a!r} in {config})")
 
 
@@ -97,7 +97,9 @@ def train(config: str, overrides: Sequence[str] = (), work_dir=None, resume: Opt
 def _train(config: str, overrides: Sequence[str], work_dir: Path, resume: Optional[str], force: bool) -> tuple:
     from . import engine
     from .config import load_config, resume_config
-    from .tasks import build_datasets, build_eval_loader, build_model, collate_fn, evaluate, init_centroids_from_data, metric_key
+    from .evaluation import evaluate
+    from .tasks import (build_datasets, build_eval_loader, build_model, collate_fn, init_centroids_from_data, metric_key,
+                        resolve_config)
 
     # Resuming, the run's config is the checkpoint's (checked below); the overrides are checked against it.
     cfg = load_config(config, tuple(overrides), validate=not resume)
@@ -111,6 +113,7 @@ def _train(config: str, overrides: Sequence[str], work_dir: Path, resume: Option
         cfg, notes = resume_config(ckpt["config"], tuple(overrides), resume)
     else:
         fresh_work_dir(work_dir, force)
+        cfg = resolve_config(cfg)  # the classes and the weights' preprocessing, saved with the run
     info = engine.setup_distributed(cfg.train.device)
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic)
@@ -148,14 +151,15 @@ def test(config: Optional[str], checkpoint: str, overrides: Sequence[str] = (), 
     """Score ``checkpoint`` on ``split`` (its saved config, or ``config`` when given, with ``overrides``).
     ``ood``: folders of images of no known class (open-set scores); ``out``: a ``.json`` or ``.pkl``
     file for the metrics and per-sample predictions. Returns ``(cfg, result, classes, DistInfo)``."""
-    from .config import ConfigError, load_config
+    from .config import ConfigError
     from .engine import load_checkpoint, setup_distributed
-    from .tasks import build_eval_loader, build_eval_split, check_classes, checkpoint_config, evaluate, load_trained_model
+    from .evaluation import evaluate
+    from .tasks import build_eval_loader, build_eval_split, check_classes, command_config, load_trained_model
 
     if out and Path(out).suffix not in (".json", ".pkl"):
         raise ConfigError(f"--out {out}: use a .json or .pkl file")
     ckpt = load_checkpoint(checkpoint)
-    cfg = load_config(config, tuple(overrides)) if config else checkpoint_config(ckpt, checkpoint, overrides)
+    cfg = command_config(config, ckpt, checkpoint, overrides)
     _check_metrics(cfg, metrics)
     info = setup_distributed(cfg.train.device)
     set_threads(cfg.train.threads)

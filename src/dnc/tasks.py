@@ -1,4 +1,4 @@
-"""What differs between classification and segmentation: datasets, model, evaluation, embeddings.
+"""What differs between classification and segmentation: datasets, model, transforms, the k-means++ start.
 
 The engine trains any model whose ``forward(images, targets)`` returns ``(logits, losses)``; this
 module builds those pieces from a :class:`~dnc.config.Config`.
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -18,8 +17,10 @@ from .config import Config, ConfigError, from_dict, load_config
 from .engine import DistInfo, gather_objects, make_loader, unwrap
 
 __all__ = ["build_model", "build_cls_split", "build_datasets", "build_eval_split", "load_trained_model", "load_model",
-           "normalization", "cls_transform", "input_size", "eval_transform", "build_eval_loader", "evaluate", "metric_key",
-           "head_kwargs", "collate_fn", "autocast", "init_centroids_from_data", "check_classes", "training_subset"]
+           "normalization", "cls_transform", "input_size", "eval_transform", "build_eval_loader", "metric_key",
+           "head_kwargs", "collate_fn", "init_centroids_from_data", "check_classes", "training_subset",
+           "resolve_config", "resolve_preprocessing", "resolve_num_classes", "command_config", "checkpoint_config",
+           "checkpoint_classes"]
 
 
 def head_kwargs(cfg: Config) -> dict:
@@ -36,6 +37,7 @@ def build_model(cfg: Union[Config, str, Path], pretrained: Optional[str] = None,
     (``""``: no pretrained weights)."""
     if not isinstance(cfg, Config):
         cfg = load_config(str(cfg), tuple(overrides))
+    cfg = resolve_num_classes(cfg)
     weights = cfg.model.pretrained if pretrained is None else pretrained
     if weights and os.path.isfile(weights) and os.path.getsize(weights) == 0:
         raise ConfigError(f"model.pretrained: {weights} is empty (0 bytes; an interrupted download?)")
@@ -66,10 +68,14 @@ def _build_model(cfg: Config, pretrained: Optional[str] = None) -> nn.Module:
     weights = m.pretrained if pretrained is None else pretrained
     if cfg.task == "classification":
         from .models.classifier import Classifier
-        return Classifier(m.backbone, cfg.data.num_classes, m.head, weights, m.backbone_kwargs, head_kwargs(cfg))
-    from .models.segmenter import Segmenter
-    return Segmenter(m.backbone, cfg.data.num_classes, m.decoder, m.head, weights, m.backbone_kwargs,
-                     head_kwargs(cfg), m.decoder_channels, m.output_stride, m.aux_weight)
+        model = Classifier(m.backbone, cfg.data.num_classes, m.head, weights, m.backbone_kwargs, head_kwargs(cfg))
+    else:
+        from .models.segmenter import Segmenter
+        model = Segmenter(m.backbone, cfg.data.num_classes, m.decoder, m.head, weights, m.backbone_kwargs,
+                          head_kwargs(cfg), m.decoder_channels, m.output_stride, m.aux_weight)
+    # Labels checked up front (data.check_labels) need no check in every step (a host read: a GPU sync).
+    model.head_module().check_labels = not cfg.data.check_labels
+    return model
 
 
 def metric_key(cfg: Config) -> str:
@@ -104,25 +110,84 @@ def build_cls_split(cfg: Config, split: str, transform) -> "torch.utils.data.Dat
     return ds
 
 
-def normalization(cfg: Config) -> tuple:
-    """``(mean, std)`` of the input normalisation: ``data.mean``/``data.std`` if set, else what the
-    pip ImageNet weights expect (``model.pretrained=imagenet``), else ``(None, None)`` (the preset's)."""
+_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "ade20k": 150, "cityscapes": 19, "camvid": 11}
+
+
+def resolve_num_classes(cfg: Config) -> Config:
+    """``cfg`` with ``data.num_classes`` set where it is None: the class folders of an image folder
+    (``root/train``'s, or ``root``'s), ``dataset_kwargs.classes``, or the dataset's fixed number."""
+    d = cfg.data
+    if d.num_classes is not None:
+        return cfg
+    n = len(d.dataset_kwargs["classes"]) if d.dataset_kwargs.get("classes") else _CLASSES.get(d.dataset)
+    if d.dataset == "folder" and n is None:
+        n = d.dataset_kwargs.get("num_classes")
+    if d.dataset == "imagefolder" and n is None:
+        _check_root(cfg)
+        from .data.classification import find_classes
+        root = Path(d.root)
+        n = len(find_classes(root / "train" if (root / "train").is_dir() else root))
+        if n == 0:
+            raise ConfigError(f"{d.root}: no class folders found (data.root holds one folder per class)")
+    if n is None:
+        raise ConfigError(f"data.num_classes must be set for dataset {d.dataset} (the number of classes of its masks)")
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, num_classes=n))
+
+
+_WEIGHT_SIZED = ("imagenet", "swin")  # presets whose input size and resizing are the weights' (not the dataset's)
+
+
+def resolve_preprocessing(cfg: Config) -> Config:
+    """``cfg`` with the preprocessing of its pretrained weights where the config leaves it to them (None).
+
+    From the weights' timm ``pretrained_cfg`` (:func:`~dnc.models.pretrained.weights_data_config`):
+    ``data.mean``/``data.std`` always; for the ``imagenet``/``swin`` presets also ``data.interpolation``,
+    ``data.crop_pct`` and ``data.img_size`` (the ``cifar``/``digits`` presets keep the dataset's size and
+    resizing). Without pretrained weights, or with preset ``none``, nothing changes (the preset's
+    defaults apply). Values given in the config win. ``dnc train`` writes the result into the run's
+    config.yaml and checkpoints, so that every later command reads the same values."""
     d, m = cfg.data, cfg.model
-    if d.mean is not None or d.std is not None:
-        if d.mean is None or d.std is None:
-            raise ConfigError("set both data.mean and data.std, or neither")
-        return tuple(d.mean), tuple(d.std)
-    if m.pretrained == "imagenet":
-        from .models.pretrained import imagenet_normalization
-        return imagenet_normalization(m.backbone)
-    return None, None
+    if (d.mean is None) != (d.std is None):
+        raise ConfigError("set both data.mean and data.std, or neither")
+    sized = cfg.task == "classification" and d.preset in _WEIGHT_SIZED
+    keys = ["mean", "std"] + (["interpolation", "crop_pct", "img_size"] if sized else [])
+    missing = [k for k in keys if getattr(d, k) is None]
+    if not m.pretrained or not missing or (cfg.task == "classification" and d.preset == "none"):
+        return cfg
+    from .models.pretrained import weights_data_config
+    weights = weights_data_config(m.backbone, m.pretrained, m.backbone_kwargs)
+    if not weights:
+        return cfg
+    found = {"mean": weights.get("mean"), "std": weights.get("std"), "interpolation": weights.get("interpolation"),
+             "crop_pct": weights.get("crop_pct"),
+             "img_size": weights["input_size"][-1] if weights.get("input_size") else None}
+    if d.mean is not None or found["mean"] is None or found["std"] is None:
+        missing = [k for k in missing if k not in ("mean", "std")]
+    new = {k: [float(v) for v in found[k]] if k in ("mean", "std") else found[k]
+           for k in missing if found[k] is not None}
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, **new)) if new else cfg
+
+
+def resolve_config(cfg: Config) -> Config:
+    """The config of a run with what it leaves to the data and the weights filled in:
+    :func:`resolve_num_classes` and :func:`resolve_preprocessing` (idempotent; given values win)."""
+    return resolve_preprocessing(resolve_num_classes(cfg))
+
+
+def normalization(cfg: Config) -> tuple:
+    """``(mean, std)`` of the input normalisation: ``data.mean``/``data.std`` if set, else the pretrained
+    weights' (:func:`resolve_preprocessing`), else ``(None, None)`` (the preset's)."""
+    d = resolve_preprocessing(cfg).data
+    return (tuple(d.mean), tuple(d.std)) if d.mean is not None else (None, None)
 
 
 def cls_transform(cfg: Config, train: bool):
     """The train or evaluation transform of a classification config (``data.preset``, ``data.img_size``,
-    normalised as :func:`normalization` says)."""
+    ``data.interpolation``, ``data.crop_pct``, normalised as :func:`normalization` says), with the
+    pretrained weights' values where the config leaves them open (:func:`resolve_preprocessing`)."""
     from .data.transforms import build_cls_transform
-    return build_cls_transform(cfg.data.preset, train, cfg.data.img_size, *normalization(cfg))
+    d = resolve_preprocessing(cfg).data
+    return build_cls_transform(d.preset, train, d.img_size, d.mean, d.std, d.interpolation, d.crop_pct)
 
 
 def _seg_transform(cfg: Config, train: bool):
@@ -259,7 +324,7 @@ def checkpoint_config(ckpt: dict, path, overrides: Sequence[str] = ()) -> Config
     saved = ckpt.get("config")
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: has no saved config; pass the config file too (dnc test CONFIG CHECKPOINT)")
-    data = saved
+    data = _as_trained(saved)
     for item in overrides:
         data = _override(data, item)
     return from_dict(Config, data).validate()
@@ -275,6 +340,35 @@ def input_size(cfg: Config) -> Optional[tuple]:
     from .data.transforms import eval_size
     side = eval_size(d.preset, d.img_size)
     return None if side is None else (side, side)
+
+
+def _as_trained(saved: dict) -> dict:
+    """A config saved before ``dnc train`` wrote the weights' preprocessing into it (no ``data.crop_pct``
+    key) with pretrained weights: the preprocessing it was trained with made explicit (the preset's, and
+    the pip weights' mean and std for ``model.pretrained=imagenet``), so that it is not resolved anew."""
+    data, model = saved.get("data") or {}, saved.get("model") or {}
+    if "crop_pct" in data or not model.get("pretrained"):
+        return saved
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, preset_defaults
+    if saved.get("task", "classification") == "classification":
+        then = preset_defaults(data.get("preset", "none"))
+    else:
+        then = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    if model["pretrained"] == "imagenet" and then:
+        then["mean"], then["std"] = [0.5] * 3, [0.5] * 3  # what normalization() gave these runs
+    fill = {k: v for k, v in then.items() if data.get(k) is None and v is not None}
+    if data.get("mean") is not None:  # mean and std were given together
+        fill.pop("mean", None), fill.pop("std", None)
+    return {**saved, "data": {**data, **fill, "crop_pct": fill.get("crop_pct", data.get("crop_pct"))}}
+
+
+def command_config(config: Optional[str], ckpt: dict, checkpoint, overrides: Sequence[str] = ()) -> Config:
+    """The config of a command on a checkpoint: the YAML file ``config`` with the ``key=value`` overrides,
+    resolved as ``dnc train`` resolves a run's (:func:`resolve_config`); without a file, the config the
+    checkpoint holds (with the overrides)."""
+    if config:
+        return resolve_config(load_config(str(config), tuple(overrides)))
+    return checkpoint_config(ckpt, checkpoint, overrides)
 
 
 class _SegImageTransform:
@@ -322,103 +416,6 @@ def build_eval_loader(cfg: Config, dataset, info: DistInfo):
     bs = cfg.data.eval_batch_size or (cfg.data.batch_size if cfg.task == "classification" else 1)
     return make_loader(dataset, bs, False, info, cfg.train.seed, cfg.data.num_workers, collate_fn(cfg),
                        on_bad=cfg.data.on_bad_sample)
-
-
-def autocast(cfg: Config, device: torch.device):
-    """The mixed-precision context of ``train.amp`` for inference."""
-    if cfg.train.amp == "none":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
-
-
-@torch.no_grad()
-def evaluate(cfg: Config, model: nn.Module, loader, info: DistInfo, predictions: bool = False,
-             details: bool = False, progress: bool = False) -> dict:
-    """Metrics over the whole evaluation set, each sample counted once across processes.
-
-    Classification: ``top1``, and ``top5`` when there are more than 5 classes. With ``details``:
-    ``per_class_accuracy`` (top-1 % per class, None for a class without samples) and ``confusion``
-    (``confusion[label][pred]`` counts). Segmentation: ``aAcc``, ``mIoU``, ``mAcc`` and the per-class
-    ``IoU`` and ``Acc`` lists (see :class:`~dnc.metrics.SegMetric`).
-
-    With ``predictions``, classification results also hold ``predictions``: one record per sample
-    (index, image path where the dataset knows it, label, top-5 classes and their probabilities),
-    gathered from all processes. With ``data.on_bad_sample=skip``, ``skipped`` counts the unreadable
-    samples left out (all processes). ``progress`` shows a progress bar on process 0.
-    """
-    model = unwrap(model).eval()
-    skipped = [0]
-    batches = _eval_batches(loader, info, progress, skipped)
-    if cfg.task == "classification":
-        dataset = getattr(loader.dataset, "dataset", loader.dataset)  # inside make_loader's SeededDataset
-        result = _evaluate_cls(cfg, model, batches, info, dataset, predictions, details)
-    else:
-        result = _evaluate_seg(cfg, model, batches, info)
-    return _with_skipped(cfg, result, skipped[0])
-
-
-def _eval_batches(loader, info: DistInfo, progress: bool, skipped: list):
-    """``(images, targets, dataset indices)`` of each batch with a readable sample, on the device; ``skipped[0]``
-    counts the unreadable ones. ``progress``: a progress bar on process 0 (on a terminal; none in logs)."""
-    from tqdm import tqdm
-    bar = tqdm(loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True,
-               disable=not (progress and info.is_main and sys.stderr.isatty()))
-    for images, targets, bad, index in bar:
-        skipped[0] += bad
-        if len(targets) == 0:
-            continue
-        yield images.to(info.device), targets.to(info.device), index
-
-
-def _evaluate_cls(cfg: Config, model: nn.Module, batches, info: DistInfo, dataset, predictions: bool,
-                  details: bool) -> dict:
-    from .data.images import sample_name
-    from .metrics import Accuracy, ConfusionMatrix
-    c = cfg.data.num_classes
-    metric = Accuracy(topk=(1, 5) if c > 5 else (1,), device=info.device)
-    confusion = ConfusionMatrix(c, device=info.device) if details else None
-    records = []
-    for images, targets, index in batches:
-        with autocast(cfg, info.device):
-            logits = model(images).float()
-        metric.update(logits, targets)
-        if confusion is not None:
-            confusion.update(logits.argmax(1), targets)
-        if predictions:
-            prob, top = logits.softmax(1).topk(min(5, logits.shape[1]), dim=1)
-            for i, sample in enumerate(index.tolist()):
-                records.append({"index": sample, "path": sample_name(dataset, sample),
-                                "label": int(targets[i]), "pred": int(top[i, 0]), "topk": top[i].tolist(),
-                                "scores": [round(p, 6) for p in prob[i].tolist()]})
-    result = metric.compute()
-    if confusion is not None:
-        cm = confusion.compute()
-        result["per_class_accuracy"] = ConfusionMatrix.recall(cm)
-        result["confusion"] = cm.tolist()
-    if predictions:
-        result["predictions"] = sorted(gather_objects(records), key=lambda r: r["index"])
-    return result
-
-
-def _evaluate_seg(cfg: Config, model: nn.Module, batches, info: DistInfo) -> dict:
-    from .metrics import SegMetric
-    from .models.seg_inference import seg_inference
-    d = cfg.data
-    metric = SegMetric(d.num_classes, device=info.device)
-    for images, masks, _ in batches:
-        with autocast(cfg, info.device):
-            logits = seg_inference(model, images, d.num_classes, tuple(masks.shape[-2:]), mode=d.eval_mode,
-                                   crop_size=tuple(d.eval_crop or d.crop_size),
-                                   stride=tuple(d.eval_stride) if d.eval_stride else None,
-                                   scales=tuple(d.eval_scales), flip=d.eval_flip)
-        metric.update(logits.argmax(1), masks)
-    return metric.compute()
-
-
-def _with_skipped(cfg: Config, result: dict, skipped: int) -> dict:
-    if cfg.data.on_bad_sample == "skip":
-        result["skipped"] = sum(gather_objects([skipped]))
-    return result
 
 
 @torch.no_grad()

@@ -3,10 +3,10 @@
     dnc train CONFIG [--work-dir DIR] [--resume [CKPT]] [--force] [key=value ...]
     torchrun --nproc_per_node 8 -m dnc train CONFIG ...
     dnc test [CONFIG] CHECKPOINT [--split NAME] [--out result.json|result.pkl] [--metrics accuracy|mIoU] [key=value ...]
-    dnc explain CONFIG CHECKPOINT --out DIR [key=value ...]
+    dnc explain [CONFIG] CHECKPOINT --out DIR [key=value ...]
     dnc predict CHECKPOINT IMAGE|FOLDER|GLOB... [--out preds.json|preds.csv] [--explain]
-    dnc calibrate CONFIG CHECKPOINT --out CKPT2 [--tpr 0.95] [--score KIND]
-    dnc extend CONFIG CHECKPOINT --add NAME=DIR ... [--remove NAME ...] --out CKPT2
+    dnc calibrate [CONFIG] CHECKPOINT --out CKPT2 [--tpr 0.95] [--score KIND]
+    dnc extend [CONFIG] CHECKPOINT --add NAME=DIR ... [--remove NAME ...] --out CKPT2
     dnc export CHECKPOINT --format onnx|torchscript|pt2|safetensors --out FILE
     dnc config CONFIG [key=value ...]
     dnc demo

@@ -1,13 +1,14 @@
-"""``dnc extend CONFIG CHECKPOINT --add NAME=DIR ... --remove NAME ... --out CKPT2``."""
+"""``dnc extend [CONFIG] CHECKPOINT --add NAME=DIR ... --remove NAME ... --out CKPT2``."""
 from __future__ import annotations
 
 import sys
 
+from .inputs import add_checkpoint_inputs, checkpoint_config
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("extend", help="add classes from a few images or remove classes, without retraining")
-    p.add_argument("config", help="YAML config of the model (a file, or a path inside the shipped configs)")
-    p.add_argument("checkpoint", help="checkpoint whose classes change (dnc train, dnc explain or dnc extend)")
+    add_checkpoint_inputs(p, "checkpoint whose classes change (dnc train, dnc explain or dnc extend)")
     p.add_argument("--add", action="append", default=[], metavar="NAME=DIR",
                    help="a new class and the folder of its images (any tree)")
     p.add_argument("--remove", action="append", default=[], metavar="NAME", help="a class to drop")
@@ -19,7 +20,6 @@ def add_parser(sub) -> None:
                    help="also re-fit the old classes' sub-centroids on the current embeddings of the config's "
                         "training split (prevents the collapse of stale old classes; changes them)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=run)
 
 
@@ -37,10 +37,9 @@ def _parse_add(items) -> dict:
 
 
 def run(args) -> dict:
-    from ..config import load_config
     from ..extend import WARN_DROP, run_extend
-    cfg = load_config(args.config, tuple(args.overrides))
-    s = run_extend(cfg, args.checkpoint, _parse_add(args.add), args.remove, args.out, args.val, args.device,
+    cfg, checkpoint, _ = checkpoint_config(args, "extend")
+    s = run_extend(cfg, checkpoint, _parse_add(args.add), args.remove, args.out, args.val, args.device,
                    args.refit_old, args.force)
     added = ", ".join(f"{n} ({c} images)" for n, c in s["added"].items()) or "none"
     print(f"{len(s['classes'])} classes; added {added}; removed {', '.join(s['removed']) or 'none'} -> {args.out} "

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 
+from .inputs import add_checkpoint_inputs, split_inputs
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("test", help="evaluate a checkpoint (per-class figures; --out for per-sample predictions)",
                        usage="dnc test [-h] [--split NAME] [--out FILE] [--metrics M ...] [CONFIG] CHECKPOINT "
                              "[key=value ...]")
-    p.add_argument("inputs", nargs="+", metavar="[CONFIG] CHECKPOINT",
-                   help="a checkpoint of dnc train or dnc explain, which holds its config; or a config file and a "
-                        "checkpoint. key=value overrides may follow")
+    add_checkpoint_inputs(p, "a checkpoint of dnc train or dnc explain")
     p.add_argument("--split", default="val", metavar="NAME",
                    help="split of the data root to score (default val, with data.holdout the held-out training "
                         "images): test for an image folder's test/ or CIFAR's test batch, CamVid's or Cityscapes' "
@@ -20,17 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ood", action="append", metavar="DIR",
                    help="a folder of images of no known class (repeatable): AUROC, FPR at 95%% TPR and the threshold "
                         "of each open-set score")
-    p.set_defaults(func=run, overrides=[])
-
-
-def _inputs(args) -> tuple:
-    """``(config or None, checkpoint, overrides)`` of ``dnc test [CONFIG] CHECKPOINT [key=value ...]``."""
-    from ..config import ConfigError
-    files = [x for x in args.inputs if "=" not in x]
-    overrides = [x for x in args.inputs if "=" in x] + list(args.overrides)
-    if len(files) not in (1, 2):
-        raise ConfigError(f"dnc test takes [CONFIG] CHECKPOINT, got {len(files)} paths: {' '.join(files)}")
-    return (files[0] if len(files) == 2 else None), files[-1], overrides
+    p.set_defaults(func=run)
 
 
 def _print_details(cfg, result: dict, classes: list) -> None:
@@ -56,7 +46,7 @@ def _print_details(cfg, result: dict, classes: list) -> None:
 
 def run(args) -> dict:
     from ..runs import test
-    config, checkpoint, overrides = _inputs(args)
+    config, checkpoint, overrides = split_inputs(args, "test")
     cfg, result, classes, info = test(config, checkpoint, overrides, args.split, args.metrics, args.ood, args.out)
     if info.is_main:
         _print_details(cfg, result, classes)

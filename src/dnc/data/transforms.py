@@ -14,12 +14,12 @@ The presets follow the original DNC (MMClassification 0.18) recipes:
     ``img_size`` other than 32 first resizes the image to ``img_size`` (train and eval).
 ``'imagenet'``
     train: RandomResizedCrop 224 (bilinear, scale 0.08-1, ratio 3/4-4/3) + HorizontalFlip 0.5;
-    eval: Resize short side ``int(img_size / 0.875)`` (256 for 224) + CenterCrop ``img_size``.
+    eval: Resize short side ``int(img_size / crop_pct)`` (crop_pct 0.875: 256 for 224) + CenterCrop ``img_size``.
 ``'swin'``
     train: RandomResizedCrop 224 bicubic + HorizontalFlip 0.5 + RandAugment + Normalize
     + RandomErasing (p 0.25, area 0.02-1/3, ratio 0.3-3.3, standard-normal fill on the
     normalised image, i.e. ``value='random'``, which equals mmcls' ``mode='rand'`` filling with
-    N(mean, std) before normalisation); eval: Resize 256 bicubic + CenterCrop 224.
+    N(mean, std) before normalisation); eval: Resize 256 bicubic + CenterCrop 224 (crop_pct 0.875).
     RandAugment is torchvision's (2 ops, magnitude 9 on an 11-bin scale, i.e. 9/10 of each
     op's maximum like timm's ``rand-m9``; fill = mean pixel, like mmcls' ``pad_val``).
     Differences from timm's ``rand-m9-mstd0.5-inc1`` used by the original: no per-op magnitude
@@ -42,7 +42,7 @@ from torchvision.transforms import InterpolationMode
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
-    "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "build_cls_transform",
+    "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "build_cls_transform", "preset_defaults",
 ]
 
 # The values of the original mmcls configs (pixel units / 255).
@@ -64,6 +64,17 @@ _DEFAULTS = {
     "swin": (224, IMAGENET_MEAN, IMAGENET_STD, InterpolationMode.BICUBIC),
     "digits": (None, DIGITS_MEAN, DIGITS_STD, InterpolationMode.BILINEAR),
 }
+DEFAULT_CROP_PCT = 0.875
+
+
+def preset_defaults(preset: str) -> dict:
+    """What ``preset`` uses where nothing else is given: ``img_size``, ``mean``, ``std``, ``interpolation``
+    and (imagenet, swin) ``crop_pct``; empty for ``'none'``."""
+    if preset not in _DEFAULTS:
+        return {}
+    size, mean, std, interp = _DEFAULTS[preset]
+    out = {"img_size": size, "mean": list(mean), "std": list(std), "interpolation": interp.value}
+    return {**out, "crop_pct": DEFAULT_CROP_PCT} if preset in ("imagenet", "swin") else out
 
 
 def eval_size(preset: str, img_size: Optional[int] = None) -> Optional[int]:
@@ -100,6 +111,7 @@ def build_cls_transform(
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
     interpolation: Union[str, InterpolationMode, None] = None,
+    crop_pct: Optional[float] = None,
 ) -> v2.Compose:
     """Return the train or eval transform of ``preset`` (see the module docstring).
 
@@ -110,6 +122,8 @@ def build_cls_transform(
         mean, std: per-channel normalisation in [0, 1] units; None uses the preset's default.
         interpolation: resize interpolation (``'bilinear'``, ``'bicubic'``, ... or an
             ``InterpolationMode``); None uses the preset's default.
+        crop_pct: the evaluation centre crop of ``'imagenet'``/``'swin'`` as a fraction of the resized
+            short side (``int(img_size / crop_pct)``); None: 0.875. Other presets ignore it.
 
     Returns:
         A ``v2.Compose`` mapping an image to a plain float32 ``(3, H, W)`` tensor.
@@ -118,7 +132,7 @@ def build_cls_transform(
         raise ValueError(f"transform preset {preset!r} is unknown (expected one of: {', '.join(PRESETS)})")
     if preset == "none":
         given = [k for k, v in (("img_size", img_size), ("mean", mean), ("std", std),
-                                ("interpolation", interpolation)) if v is not None]
+                                ("interpolation", interpolation), ("crop_pct", crop_pct)) if v is not None]
         if given:
             raise ValueError(f"transform preset 'none' takes no {', '.join(given)}")
         return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.ToPureTensor()])
@@ -130,6 +144,9 @@ def build_cls_transform(
     mean = _triple("mean", default_mean if mean is None else mean)
     std = _triple("std", default_std if std is None else std)
     interp = _interpolation(interpolation, default_interp)
+    crop_pct = DEFAULT_CROP_PCT if crop_pct is None else float(crop_pct)
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct: must be in (0, 1], got {crop_pct}")
 
     ops = [v2.ToImage()]
     if preset == "cifar":
@@ -151,8 +168,8 @@ def build_cls_transform(
                 else InterpolationMode.BILINEAR
             ops.append(v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11,
                                       interpolation=ra_interp, fill=[round(255 * m) for m in mean]))
-    else:  # imagenet, swin eval: resize the short side, then centre crop (224 -> 256)
-        ops += [v2.Resize(int(size / 0.875), interpolation=interp, antialias=True), v2.CenterCrop(size)]
+    else:  # imagenet, swin eval: resize the short side to size / crop_pct (224 -> 256), then centre crop
+        ops += [v2.Resize(int(size / crop_pct), interpolation=interp, antialias=True), v2.CenterCrop(size)]
 
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if preset == "swin" and train:

@@ -22,7 +22,7 @@ from .checkpoint import (best_so_far, gather_per_process, load_resumable, restor
                          save_checkpoint, set_rng_state, sync_buffers)
 from .distributed import DistInfo, all_reduce_max, host_group
 from .log import JsonLogger, Progress, centroid_stats, log_text, speed
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, fit_warmup
 from .state import TrainingError, TrainState, check_finite, epoch_shown
 from .stop import StopAgreement, StopRequest
 
@@ -46,11 +46,16 @@ class _Run:
         if t.channels_last:
             model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.total, iters_per_epoch)
+        sched, shortened = fit_warmup(cfg.sched, self.total)
+        self.scheduler = build_scheduler(self.optimizer, sched, self.total, iters_per_epoch)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=t.amp == "fp16")
         self.state = TrainState()
         self.log = JsonLogger(work_dir / "log.jsonl" if info.is_main else None,
                               work_dir / "tensorboard" if t.tensorboard else None)
+        if shortened:
+            if info.is_main:
+                log_text.warning(shortened)
+            self.log(mode="warning", message=shortened)
         self.amp = torch.autocast(info.device.type, dtype=torch.bfloat16 if t.amp == "bf16" else torch.float16) \
             if t.amp != "none" else nullcontext()
         self.ddp = model

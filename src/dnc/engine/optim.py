@@ -2,12 +2,13 @@
 schedule (constant, step, exp, cosine, poly; linear warm-up), as a factor of the base rate per iteration."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
-__all__ = ["build_optimizer", "lr_factor", "build_scheduler"]
+__all__ = ["build_optimizer", "lr_factor", "fit_warmup", "build_scheduler"]
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -41,6 +42,15 @@ def lr_factor(cfg, it: int, total: int, iters_per_epoch: int) -> float:
     if it < cfg.warmup_iters:
         f *= cfg.warmup_ratio + (1 - cfg.warmup_ratio) * it / cfg.warmup_iters
     return f
+
+
+def fit_warmup(cfg, total: int) -> tuple:
+    """``(sched config, note)``: a warm-up longer than the whole run (which would never reach the learning
+    rate) shortened to the run, with the note saying so; else ``(cfg, None)``."""
+    if cfg.warmup_iters <= total:
+        return cfg, None
+    note = f"sched.warmup_iters={cfg.warmup_iters} is longer than the run ({total} iterations): shortened to {total}"
+    return dataclasses.replace(cfg, warmup_iters=total), note
 
 
 def build_scheduler(optimizer, cfg, total: int, iters_per_epoch: int):

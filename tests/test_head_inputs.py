@@ -1,0 +1,88 @@
+"""The heads check what they are given: labels outside [0, C) (other than the ignore value) and features
+of another width fail loudly, before anything moves; with labels in eval mode they return what they
+return in training, and move nothing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dnc import DNCHead, LinearHead, PixelHead
+
+C, D = 4, 8
+
+
+def _state(head) -> dict:
+    return {k: v.clone() for k, v in head.state_dict().items()}
+
+
+def _unchanged(head, before: dict) -> bool:
+    return all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+
+
+@pytest.mark.parametrize("bad", [[0, 1, 4, 2], [0, -3, 1, 2], [7, 9, 7, 0]])
+def test_dnc_head_refuses_labels_outside_the_classes_and_moves_nothing(bad):
+    torch.manual_seed(0)
+    head = DNCHead(D, C, memory_size=16).train()
+    before = _state(head)
+    with pytest.raises(ValueError) as e:
+        head(torch.randn(4, D), torch.tensor(bad))
+    named = sorted({v for v in bad if not 0 <= v < C})
+    assert str(named) in str(e.value) and f"[0, {C})" in str(e.value)
+    assert _unchanged(head, before) and head.centroids.steps == 0
+    head(torch.randn(4, D), torch.tensor([0, 1, -1, 3]))  # -1: ignored, accepted
+    assert not _unchanged(head, before)
+
+
+def test_the_label_check_can_be_turned_off_as_dnc_train_does_after_checking_the_data():
+    head = DNCHead(D, C).train()
+    head.check_labels = False
+    head(torch.randn(4, D), torch.tensor([0, 1, 9, 2]))  # out-of-range labels take no part, as before
+
+
+@pytest.mark.parametrize("make", [lambda: DNCHead(D, C), lambda: LinearHead(D, C)])
+def test_features_of_another_width_name_both_widths(make):
+    head = make()
+    with pytest.raises(ValueError, match=f"width {D + 1}, the head takes {D}"):
+        head(torch.randn(3, D + 1))
+
+
+def test_with_labels_in_eval_mode_the_heads_return_logits_and_losses_and_move_nothing():
+    torch.manual_seed(0)
+    for head in (DNCHead(D, C, contrast_weight=0.1), LinearHead(D, C)):
+        head.eval()
+        x, y = torch.randn(6, D), torch.tensor([0, 1, 2, 3, 0, 1])
+        before = _state(head)
+        logits, losses = head(x, y)
+        torch.testing.assert_close(logits, head(x))
+        assert losses == {} and _unchanged(head, before)
+        with pytest.raises(ValueError, match=r"\[5\]"):  # checked in eval mode too
+            head(x, torch.tensor([0, 1, 2, 5, 0, 1]))
+        head.train()
+        out = head(x, y)
+        assert isinstance(out, tuple) and out[0].shape == logits.shape
+
+
+def test_pixel_head_checks_the_map_its_width_and_the_labels_but_the_ignore_index():
+    torch.manual_seed(0)
+    head = PixelHead(DNCHead(D, C), ignore_index=255).train()
+    x = torch.randn(2, D, 3, 5)
+    with pytest.raises(ValueError, match=r"4-D feature map \(B, 8, H, W\), got shape \(2, 8, 15\)"):
+        head(x.flatten(2))
+    with pytest.raises(ValueError, match=r"\(B, 8, H, W\), got shape \(2, 6, 3, 5\)"):
+        head(x[:, :6])
+    with pytest.raises(ValueError, match=r"targets of shape \(2, 5, 3\)"):
+        head(x, torch.zeros(2, 5, 3, dtype=torch.long))
+    masks = torch.randint(0, C, (2, 3, 5))
+    masks[0, 0, :2] = 255
+    before = _state(head)
+    bad = masks.clone()
+    bad[1, 2, 4] = 17
+    with pytest.raises(ValueError, match=r"\[17\]"):
+        head(x, bad)
+    assert _unchanged(head, before)
+    logits, _ = head(x, masks)  # 255 pixels are ignored
+    assert logits.shape == (2, C, 3, 5) and not _unchanged(head, before)
+    head.eval()
+    logits, losses = head(x, masks)
+    torch.testing.assert_close(logits, head(x))
+    assert losses == {}
