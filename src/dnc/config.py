@@ -84,6 +84,10 @@ class DataConfig:
     # normalisation on the 0-1 scale; None: the pretrained weights' (model.pretrained=imagenet) or the preset's
     mean: Optional[list] = None
     std: Optional[list] = None
+    # evaluation resize: interpolation (bilinear, bicubic, ...) and the centre crop's share of the resized
+    # short side (imagenet/swin presets: resize to img_size / crop_pct, crop img_size); None: the preset's
+    interpolation: Optional[str] = None
+    crop_pct: Optional[float] = None
     # segmentation transforms and evaluation
     crop_size: list = field(default_factory=lambda: [512, 512])
     scale: Optional[list] = field(default_factory=lambda: [2048, 512])
@@ -166,6 +170,8 @@ class Config:
             raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
         if dnc.calibration == "temperature" and not dnc.temperature > 0:
             raise ConfigError(f"model.dnc.temperature must be > 0, got {dnc.temperature}")
+        if self.data.crop_pct is not None and not 0 < self.data.crop_pct <= 1:
+            raise ConfigError(f"data.crop_pct must be in (0, 1], got {self.data.crop_pct}")
         if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
         return self

@@ -19,8 +19,8 @@ from .config import Config, ConfigError, from_dict, load_config
 from .engine import DistInfo, make_loader, unwrap
 
 __all__ = ["build_model", "build_cls_split", "build_datasets", "build_eval_split", "load_trained_model", "load_model",
-           "normalization", "cls_transform", "eval_transform", "build_eval_loader", "evaluate", "metric_key",
-           "head_kwargs", "collate_fn", "autocast", "init_centroids_from_data", "check_classes", "training_subset"]
+           "normalization", "cls_transform", "preprocessing", "eval_transform", "build_eval_loader", "evaluate",
+           "metric_key", "head_kwargs", "collate_fn", "autocast", "init_centroids_from_data", "check_classes", "training_subset"]
 
 
 def head_kwargs(cfg: Config) -> dict:
@@ -123,7 +123,26 @@ def cls_transform(cfg: Config, train: bool):
     """The train or evaluation transform of a classification config (``data.preset``, ``data.img_size``,
     normalised as :func:`normalization` says)."""
     from .data.transforms import build_cls_transform
-    return build_cls_transform(cfg.data.preset, train, cfg.data.img_size, *normalization(cfg))
+    d = cfg.data
+    return build_cls_transform(d.preset, train, d.img_size, *normalization(cfg), d.interpolation, d.crop_pct)
+
+
+def preprocessing(cfg: Config) -> dict:
+    """The evaluation pipeline of a config as plain data (what :func:`eval_transform` does to an 8-bit RGB
+    image; ``dnc export`` writes it into the exported model): ``resize`` (``"shorter"``, ``"exact"``,
+    ``"fit"`` or ``None``) to ``size`` with ``interpolation``/``antialias``, a centre ``crop`` ``[h, w]``,
+    then ``(pixel / 255 - mean) / std``; ``input_size`` is what the network sees (``None``: any size).
+    See :func:`dnc.data.transforms.eval_pipeline`; ``"fit"`` (segmentation) fits the image into
+    ``size`` keeping its aspect ratio (:func:`dnc.data.seg_transforms.rescale_size`)."""
+    d = cfg.data
+    if cfg.task == "classification":
+        from .data.transforms import eval_pipeline
+        return eval_pipeline(d.preset, d.img_size, *normalization(cfg), d.interpolation, d.crop_pct)
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    mean, std = normalization(cfg)
+    return {"resize": "fit" if d.scale else None, "size": list(d.scale) if d.scale else None, "crop": None,
+            "crop_pct": None, "interpolation": "bilinear", "antialias": False,
+            "mean": list(mean or IMAGENET_MEAN), "std": list(std or IMAGENET_STD), "input_size": None}
 
 
 def _seg_transform(cfg: Config, train: bool):
@@ -270,18 +289,12 @@ class _SegImageTransform:
 
 def eval_transform(cfg: Config) -> Callable:
     """The evaluation transform of a config for single images (PIL or ``(3, H, W)`` uint8 tensors),
-    giving a float ``(3, H, W)`` tensor. Classification inputs of any size are first resized to the
-    fixed input size of the ``cifar``/``digits`` presets (32 and 8 unless ``data.img_size``);
-    segmentation images are rescaled as in evaluation (``data.scale``)."""
-    d = cfg.data
+    giving a float ``(3, H, W)`` tensor, as :func:`preprocessing` describes it. Classification inputs of
+    any size are resized to the fixed input size of the ``cifar``/``digits`` presets (32 and 8 unless
+    ``data.img_size``); segmentation images are rescaled as in evaluation (``data.scale``)."""
     if cfg.task == "segmentation":
         return _SegImageTransform(_seg_transform(cfg, False))
-    tf = cls_transform(cfg, False)
-    side = d.img_size or {"cifar": 32, "digits": 8}.get(d.preset)
-    if d.preset in ("cifar", "digits") and side:
-        from torchvision.transforms import v2
-        return v2.Compose([v2.ToImage(), v2.Resize((side, side), antialias=True), tf])
-    return tf
+    return cls_transform(cfg, False)
 
 
 def load_model(checkpoint, device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module, list, Callable]:
