@@ -107,19 +107,21 @@ class _Namer:
 
 def write_records(path, records: Sequence[dict]) -> None:
     """``.json``: the list of records; ``.csv``: one row per image (path, class_i and score_i for each
-    of the top classes, the pictures written). Written atomically."""
+    of the top classes, ``unknown`` for a calibrated model, the pictures written). Written atomically."""
     path = Path(path)
     if path.suffix == ".json":
         write_json(path, list(records))
         return
     k = max((len(r["top"]) for r in records), default=0)
+    ood = ["unknown"] if any("ood" in r for r in records) else []
     extra = [c for c in ("mask", "picture") if any(c in r for r in records)]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path"] + [f"{x}_{i}" for i in range(1, k + 1) for x in ("class", "score")] + extra)
+    w.writerow(["path"] + [f"{x}_{i}" for i in range(1, k + 1) for x in ("class", "score")] + ood + extra)
     for r in records:
         top = [v for t in r["top"] for v in (t["class"], t["score"])]
-        w.writerow([r["path"]] + top + [""] * (2 * k - len(top)) + [r.get(c, "") for c in extra])
+        w.writerow([r["path"]] + top + [""] * (2 * k - len(top)) + [r["ood"]["unknown"] for _ in ood]
+                   + [r.get(c, "") for c in extra])
     write_atomic(path, buf.getvalue().encode())
 
 
