@@ -22,7 +22,8 @@ from PIL import Image
 import dnc
 from dnc.config import load_config
 from dnc.engine import load_checkpoint
-from dnc.tasks import build_model, eval_transform, resolve_config
+from dnc.runconfig import resolve_config
+from dnc.tasks import build_model, eval_transform
 from dnc_tiny import one_thread, subprocess_env
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)

@@ -215,6 +215,7 @@ def run_extend(cfg, checkpoint, folders: dict, remove: Sequence[str], out, val: 
     from .config import to_dict
     from .data.images import list_images
     from .engine import load_checkpoint, save_checkpoint, setup_one_process
+    from .runconfig import checkpoint_classes
     from .tasks import load_trained_model
 
     if cfg.task != "classification" or cfg.model.head != "dnc":

@@ -29,9 +29,8 @@ from torch.utils.data import DataLoader
 from .embedding import head_of
 from .files import check_output
 
-__all__ = ["SCORES", "default_score", "image_scores", "score_loader", "pixel_scores", "auroc", "threshold_at_tpr",
-           "fpr_at_tpr", "ood_report", "calibrate",
-           "apply_threshold"]
+__all__ = ["SCORES", "default_score", "image_scores", "score_loader", "pixel_outputs", "pixel_scores", "auroc",
+           "threshold_at_tpr", "fpr_at_tpr", "ood_report", "calibrate", "apply_threshold"]
 
 # The scores each head offers, the first being the default (higher = more like a known class).
 SCORES = {"dnc": ("cosine", "msp", "energy"), "linear": ("msp", "energy")}
@@ -82,20 +81,28 @@ def score_loader(model: nn.Module, loader, device: torch.device) -> tuple:
 
 
 @torch.no_grad()
-def pixel_scores(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
-    """``(B, H, W)`` per-pixel score of a segmenter at ``out_size``: for a DNC head the max
-    sub-centroid cosine of each decoder pixel (upsampled bilinearly), for a linear head the max
-    softmax of the upsampled logits."""
+def pixel_outputs(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]) -> tuple:
+    """``(logits (B, C, h, w), labels (B, H, W), score (B, H, W))`` of a segmenter from one forward:
+    the logits at the decoder's resolution, and at ``out_size`` the class of every pixel (argmax of the
+    logits upsampled bilinearly) and its :func:`pixel_scores`."""
     pixel_head = model.head
     head = pixel_head.head
     x = model.decoder(model.encoder(images))
     b, d, h, w = x.shape
+    logits = pixel_head(x).float()
+    up = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
     if not hasattr(head, "centroids"):
-        logits = F.interpolate(pixel_head(x).float(), size=tuple(out_size), mode="bilinear", align_corners=False)
-        return logits.softmax(1).amax(1)
+        return logits, up.argmax(1), up.softmax(1).amax(1)
     z = head.embed(x.permute(0, 2, 3, 1).reshape(-1, d))
     score = head.centroids.similarities(z).float().flatten(1).amax(1).view(b, 1, h, w)
-    return F.interpolate(score, size=tuple(out_size), mode="bilinear", align_corners=False)[:, 0]
+    return logits, up.argmax(1), F.interpolate(score, size=tuple(out_size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def pixel_scores(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+    """``(B, H, W)`` per-pixel score of a segmenter at ``out_size``: for a DNC head the max
+    sub-centroid cosine of each decoder pixel (upsampled bilinearly), for a linear head the max
+    softmax of the upsampled logits."""
+    return pixel_outputs(model, images, out_size)[2]
 
 
 # ============================================================================ metrics

@@ -33,7 +33,8 @@ from .explain import _sample_name, explain_decisions, pixel_decisions
 from .files import write_atomic, write_json
 from .ood import apply_threshold, image_scores, pixel_scores, save_score_map, verdict_text
 from .report import palette, render_decision, render_segmentation
-from .tasks import build_cls_split, checkpoint_classes, checkpoint_config, eval_transform, load_trained_model, training_subset
+from .runconfig import checkpoint_classes, checkpoint_config
+from .tasks import build_cls_split, eval_transform, load_trained_model, training_subset
 
 log = logging.getLogger("dnc")
 
@@ -62,19 +63,21 @@ class _Namer:
 
 def write_records(path, records: Sequence[dict]) -> None:
     """``.json``: the list of records; ``.csv``: one row per image (path, class_i and score_i for each
-    of the top classes, the pictures written). Written atomically."""
+    of the top classes, ``unknown`` for a calibrated model, the pictures written). Written atomically."""
     path = Path(path)
     if path.suffix == ".json":
         write_json(path, list(records))
         return
     k = max((len(r["top"]) for r in records), default=0)
+    ood = ["unknown"] if any("ood" in r for r in records) else []
     extra = [c for c in ("mask", "picture") if any(c in r for r in records)]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path"] + [f"{x}_{i}" for i in range(1, k + 1) for x in ("class", "score")] + extra)
+    w.writerow(["path"] + [f"{x}_{i}" for i in range(1, k + 1) for x in ("class", "score")] + ood + extra)
     for r in records:
         top = [v for t in r["top"] for v in (t["class"], t["score"])]
-        row = [r["path"]] + top + [""] * (2 * k - len(top)) + [r.get(c, "") for c in extra]
+        row = [r["path"]] + top + [""] * (2 * k - len(top)) + [r["ood"]["unknown"] for _ in ood] \
+            + [r.get(c, "") for c in extra]
         w.writerow([_cell(v) for v in row])
     write_atomic(path, buf.getvalue().encode())
 

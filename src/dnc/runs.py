@@ -98,8 +98,8 @@ def _train(config: str, overrides: Sequence[str], work_dir: Path, resume: Option
     from . import engine
     from .config import load_config, resume_config
     from .evaluation import evaluate
-    from .tasks import (build_datasets, build_eval_loader, build_model, collate_fn, init_centroids_from_data, metric_key,
-                        resolve_config)
+    from .runconfig import resolve_config
+    from .tasks import build_datasets, build_eval_loader, build_model, collate_fn, init_centroids_from_data, metric_key
 
     # Resuming, the run's config is the checkpoint's (checked below); the overrides are checked against it.
     cfg = load_config(config, tuple(overrides), validate=not resume)
@@ -154,7 +154,8 @@ def test(config: Optional[str], checkpoint: str, overrides: Sequence[str] = (), 
     from .config import ConfigError
     from .engine import load_checkpoint, setup_distributed
     from .evaluation import evaluate
-    from .tasks import build_eval_loader, build_eval_split, check_classes, command_config, load_trained_model
+    from .runconfig import command_config
+    from .tasks import build_eval_loader, build_eval_split, check_classes, load_trained_model
 
     if out and Path(out).suffix not in (".json", ".pkl"):
         raise ConfigError(f"--out {out}: use a .json or .pkl file")

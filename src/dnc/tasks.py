@@ -13,14 +13,13 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .config import Config, ConfigError, from_dict, load_config
-from .engine import DistInfo, gather_objects, make_loader, unwrap
+from .config import Config, ConfigError, load_config
+from .engine import DistInfo, make_loader
+from .runconfig import check_root, checkpoint_classes, checkpoint_config, resolve_num_classes, resolve_preprocessing
 
 __all__ = ["build_model", "build_cls_split", "build_datasets", "build_eval_split", "load_trained_model", "load_model",
-           "normalization", "cls_transform", "input_size", "eval_transform", "build_eval_loader", "metric_key",
-           "head_kwargs", "collate_fn", "init_centroids_from_data", "check_classes", "training_subset",
-           "resolve_config", "resolve_preprocessing", "resolve_num_classes", "command_config", "checkpoint_config",
-           "checkpoint_classes"]
+           "normalization", "cls_transform", "preprocessing", "input_size", "eval_transform", "build_eval_loader",
+           "metric_key", "head_kwargs", "collate_fn", "init_centroids_from_data", "check_classes", "training_subset"]
 
 
 def head_kwargs(cfg: Config) -> dict:
@@ -110,70 +109,6 @@ def build_cls_split(cfg: Config, split: str, transform) -> "torch.utils.data.Dat
     return ds
 
 
-_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "ade20k": 150, "cityscapes": 19, "camvid": 11}
-
-
-def resolve_num_classes(cfg: Config) -> Config:
-    """``cfg`` with ``data.num_classes`` set where it is None: the class folders of an image folder
-    (``root/train``'s, or ``root``'s), ``dataset_kwargs.classes``, or the dataset's fixed number."""
-    d = cfg.data
-    if d.num_classes is not None:
-        return cfg
-    n = len(d.dataset_kwargs["classes"]) if d.dataset_kwargs.get("classes") else _CLASSES.get(d.dataset)
-    if d.dataset == "folder" and n is None:
-        n = d.dataset_kwargs.get("num_classes")
-    if d.dataset == "imagefolder" and n is None:
-        _check_root(cfg)
-        from .data.classification import find_classes
-        root = Path(d.root)
-        n = len(find_classes(root / "train" if (root / "train").is_dir() else root))
-        if n == 0:
-            raise ConfigError(f"{d.root}: no class folders found (data.root holds one folder per class)")
-    if n is None:
-        raise ConfigError(f"data.num_classes must be set for dataset {d.dataset} (the number of classes of its masks)")
-    return dataclasses.replace(cfg, data=dataclasses.replace(d, num_classes=n))
-
-
-_WEIGHT_SIZED = ("imagenet", "swin")  # presets whose input size and resizing are the weights' (not the dataset's)
-
-
-def resolve_preprocessing(cfg: Config) -> Config:
-    """``cfg`` with the preprocessing of its pretrained weights where the config leaves it to them (None).
-
-    From the weights' timm ``pretrained_cfg`` (:func:`~dnc.models.pretrained.weights_data_config`):
-    ``data.mean``/``data.std`` always; for the ``imagenet``/``swin`` presets also ``data.interpolation``,
-    ``data.crop_pct`` and ``data.img_size`` (the ``cifar``/``digits`` presets keep the dataset's size and
-    resizing). Without pretrained weights, or with preset ``none``, nothing changes (the preset's
-    defaults apply). Values given in the config win. ``dnc train`` writes the result into the run's
-    config.yaml and checkpoints, so that every later command reads the same values."""
-    d, m = cfg.data, cfg.model
-    if (d.mean is None) != (d.std is None):
-        raise ConfigError("set both data.mean and data.std, or neither")
-    sized = cfg.task == "classification" and d.preset in _WEIGHT_SIZED
-    keys = ["mean", "std"] + (["interpolation", "crop_pct", "img_size"] if sized else [])
-    missing = [k for k in keys if getattr(d, k) is None]
-    if not m.pretrained or not missing or (cfg.task == "classification" and d.preset == "none"):
-        return cfg
-    from .models.pretrained import weights_data_config
-    weights = weights_data_config(m.backbone, m.pretrained, m.backbone_kwargs)
-    if not weights:
-        return cfg
-    found = {"mean": weights.get("mean"), "std": weights.get("std"), "interpolation": weights.get("interpolation"),
-             "crop_pct": weights.get("crop_pct"),
-             "img_size": weights["input_size"][-1] if weights.get("input_size") else None}
-    if d.mean is not None or found["mean"] is None or found["std"] is None:
-        missing = [k for k in missing if k not in ("mean", "std")]
-    new = {k: [float(v) for v in found[k]] if k in ("mean", "std") else found[k]
-           for k in missing if found[k] is not None}
-    return dataclasses.replace(cfg, data=dataclasses.replace(d, **new)) if new else cfg
-
-
-def resolve_config(cfg: Config) -> Config:
-    """The config of a run with what it leaves to the data and the weights filled in:
-    :func:`resolve_num_classes` and :func:`resolve_preprocessing` (idempotent; given values win)."""
-    return resolve_preprocessing(resolve_num_classes(cfg))
-
-
 def normalization(cfg: Config) -> tuple:
     """``(mean, std)`` of the input normalisation: ``data.mean``/``data.std`` if set, else the pretrained
     weights' (:func:`resolve_preprocessing`), else ``(None, None)`` (the preset's)."""
@@ -190,6 +125,22 @@ def cls_transform(cfg: Config, train: bool):
     return build_cls_transform(d.preset, train, d.img_size, d.mean, d.std, d.interpolation, d.crop_pct)
 
 
+def preprocessing(cfg: Config) -> dict:
+    """The evaluation pipeline of a config as plain data (what :func:`eval_transform` does to an 8-bit RGB
+    image; ``dnc export`` writes it into the exported model): ``resize`` (``"shorter"``, ``"exact"``,
+    ``"fit"`` or ``None``) to ``size`` with ``interpolation``/``antialias``, a centre ``crop`` ``[h, w]``,
+    then ``(pixel / 255 - mean) / std``; ``input_size`` is what the network sees (``None``: any size).
+    See :func:`dnc.data.transforms.eval_pipeline`; ``"fit"`` (segmentation) fits the image into
+    ``size`` keeping its aspect ratio (:func:`dnc.data.seg_transforms.rescale_size`)."""
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_pipeline
+    d = resolve_preprocessing(cfg).data
+    if cfg.task == "classification":
+        return eval_pipeline(d.preset, d.img_size, d.mean, d.std, d.interpolation, d.crop_pct)
+    return {"resize": "fit" if d.scale else None, "size": list(d.scale) if d.scale else None, "crop": None,
+            "crop_pct": None, "interpolation": "bilinear", "antialias": False,
+            "mean": list(d.mean or IMAGENET_MEAN), "std": list(d.std or IMAGENET_STD), "input_size": None}
+
+
 def _seg_transform(cfg: Config, train: bool):
     from .data.seg_transforms import build_seg_transforms
     d = cfg.data
@@ -197,12 +148,6 @@ def _seg_transform(cfg: Config, train: bool):
     return build_seg_transforms(train, crop_size=tuple(d.crop_size), scale=tuple(d.scale) if d.scale else None,
                                 ratio_range=tuple(d.ratio_range), cat_max_ratio=d.cat_max_ratio,
                                 photometric=d.photometric, **({"mean": mean, "std": std} if mean is not None else {}))
-
-
-def _check_root(cfg: Config) -> None:
-    d = cfg.data
-    if d.root is None and d.dataset != "digits":
-        raise ConfigError(f"data.root must be set for dataset {d.dataset} (the folder that holds it)")
 
 
 def _seg_split(cfg: Config, split: str, transforms) -> "torch.utils.data.Dataset":
@@ -230,7 +175,7 @@ def training_subset(cfg: Config, train):
 
 def build_datasets(cfg: Config, splits=("train", "val")) -> tuple:
     """``({split: dataset}, classes)``, with the labels checked against ``data.num_classes``."""
-    _check_root(cfg)
+    check_root(cfg)
     out = {}
     for split in splits:
         train = split == "train"
@@ -254,7 +199,7 @@ def build_eval_split(cfg: Config, split: str = "val") -> Tuple["torch.utils.data
     Returns ``(dataset, {"split", "root", "samples", "holdout", "source"})``, ``source`` in words.
     """
     d = cfg.data
-    _check_root(cfg)
+    check_root(cfg)
     where = d.root if d.root is not None else "the built-in digits"
     if cfg.task == "segmentation":
         ds = _seg_split(cfg, split, _seg_transform(cfg, False))
@@ -308,28 +253,6 @@ def load_trained_model(cfg: Config, ckpt: dict, path) -> nn.Module:
     return model
 
 
-def checkpoint_classes(ckpt: dict, cfg: Config, path) -> list:
-    """The class names of a checkpoint (``"0"``, ``"1"``, ... when it has none), checked: one per class
-    of the model, each a valid name (:func:`~dnc.validate.check_class_names`)."""
-    from .validate import check_class_names
-    classes = check_class_names(ckpt.get("classes") or [str(i) for i in range(cfg.data.num_classes)], path)
-    if len(classes) != cfg.data.num_classes:
-        raise ConfigError(f"{path}: holds {len(classes)} class names for a model of {cfg.data.num_classes} classes")
-    return classes
-
-
-def checkpoint_config(ckpt: dict, path, overrides: Sequence[str] = ()) -> Config:
-    """The config saved in a ``dnc train`` / ``dnc explain`` checkpoint, with ``key=value`` overrides."""
-    from .config import _override
-    saved = ckpt.get("config")
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{path}: has no saved config; pass the config file too (dnc test CONFIG CHECKPOINT)")
-    data = _as_trained(saved)
-    for item in overrides:
-        data = _override(data, item)
-    return from_dict(Config, data).validate()
-
-
 def input_size(cfg: Config) -> Optional[tuple]:
     """``(H, W)`` of the model's evaluation input: a segmenter's ``data.eval_crop`` (or ``crop_size``); a
     classifier's ``data.img_size`` or its preset's (digits 8, cifar 32, imagenet and swin 224); None for
@@ -337,38 +260,8 @@ def input_size(cfg: Config) -> Optional[tuple]:
     d = cfg.data
     if cfg.task == "segmentation":
         return tuple(d.eval_crop or d.crop_size)
-    from .data.transforms import eval_size
-    side = eval_size(d.preset, d.img_size)
-    return None if side is None else (side, side)
-
-
-def _as_trained(saved: dict) -> dict:
-    """A config saved before ``dnc train`` wrote the weights' preprocessing into it (no ``data.crop_pct``
-    key) with pretrained weights: the preprocessing it was trained with made explicit (the preset's, and
-    the pip weights' mean and std for ``model.pretrained=imagenet``), so that it is not resolved anew."""
-    data, model = saved.get("data") or {}, saved.get("model") or {}
-    if "crop_pct" in data or not model.get("pretrained"):
-        return saved
-    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, preset_defaults
-    if saved.get("task", "classification") == "classification":
-        then = preset_defaults(data.get("preset", "none"))
-    else:
-        then = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    if model["pretrained"] == "imagenet" and then:
-        then["mean"], then["std"] = [0.5] * 3, [0.5] * 3  # what normalization() gave these runs
-    fill = {k: v for k, v in then.items() if data.get(k) is None and v is not None}
-    if data.get("mean") is not None:  # mean and std were given together
-        fill.pop("mean", None), fill.pop("std", None)
-    return {**saved, "data": {**data, **fill, "crop_pct": fill.get("crop_pct", data.get("crop_pct"))}}
-
-
-def command_config(config: Optional[str], ckpt: dict, checkpoint, overrides: Sequence[str] = ()) -> Config:
-    """The config of a command on a checkpoint: the YAML file ``config`` with the ``key=value`` overrides,
-    resolved as ``dnc train`` resolves a run's (:func:`resolve_config`); without a file, the config the
-    checkpoint holds (with the overrides)."""
-    if config:
-        return resolve_config(load_config(str(config), tuple(overrides)))
-    return checkpoint_config(ckpt, checkpoint, overrides)
+    size = preprocessing(cfg)["input_size"]
+    return None if size is None else tuple(size)
 
 
 class _SegImageTransform:
@@ -385,17 +278,12 @@ class _SegImageTransform:
 
 def eval_transform(cfg: Config) -> Callable:
     """The evaluation transform of a config for single images (PIL or ``(3, H, W)`` uint8 tensors),
-    giving a float ``(3, H, W)`` tensor. Classification inputs of any size are first resized to the
-    fixed input size of the ``cifar``/``digits`` presets (32 and 8 unless ``data.img_size``);
-    segmentation images are rescaled as in evaluation (``data.scale``)."""
-    d = cfg.data
+    giving a float ``(3, H, W)`` tensor, as :func:`preprocessing` describes it. Classification inputs of
+    any size are resized to the fixed input size of the ``cifar``/``digits`` presets (32 and 8 unless
+    ``data.img_size``); segmentation images are rescaled as in evaluation (``data.scale``)."""
     if cfg.task == "segmentation":
         return _SegImageTransform(_seg_transform(cfg, False))
-    tf = cls_transform(cfg, False)
-    if d.preset in ("cifar", "digits"):
-        from torchvision.transforms import v2
-        return v2.Compose([v2.ToImage(), v2.Resize(input_size(cfg), antialias=True), tf])
-    return tf
+    return cls_transform(cfg, False)
 
 
 def load_model(checkpoint, device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module, list, Callable]:

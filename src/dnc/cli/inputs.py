@@ -25,7 +25,7 @@ def checkpoint_config(args, command: str) -> tuple:
     """``(config, checkpoint path, config file or None)``: the config file's (resolved as ``dnc train``
     resolves it), else the one saved in the checkpoint, with the overrides."""
     from ..engine import load_checkpoint
-    from ..tasks import command_config
+    from ..runconfig import command_config
     config, checkpoint, overrides = split_inputs(args, command)
     ckpt = {} if config else load_checkpoint(checkpoint, mmap=True)
     return command_config(config, ckpt, checkpoint, overrides), checkpoint, config

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms.v2 import functional as F
 
@@ -27,7 +27,11 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 def read_rgb(path) -> Image.Image:
-    """Decode an image file as 8-bit RGB; any failure is one ``ValueError`` naming the file.
+    """Decode an image file as 8-bit RGB, upright; any failure is one ``ValueError`` naming the file.
+
+    This is how every command reads an image (datasets, ``dnc test``, ``dnc predict``, ``dnc calibrate``;
+    ``examples/onnx_predict.py`` does the same without ``dnc``). The EXIF orientation tag (photos of
+    phones and cameras) is applied, so the pixels are those an image viewer shows.
 
     16-bit grayscale (PIL modes ``I;16*`` and ``I``) is scaled to 8 bits (``round(v / 257)``), where
     PIL's own conversion would clip every value above 255 to white; floating-point images are refused,
@@ -43,6 +47,7 @@ def read_rgb(path) -> Image.Image:
             if limit and img.width * img.height > limit:
                 raise ValueError(f"{img.width}x{img.height} pixels is too large to decode (the limit is "
                                  f"{limit} pixels); downscale it first")
+            ImageOps.exif_transpose(img, in_place=True)
             if img.mode == "F":
                 raise ValueError("floating-point pixels (mode F) are not supported; save it as 8 or 16 bits")
             if img.mode.startswith("I"):
