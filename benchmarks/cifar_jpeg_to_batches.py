@@ -22,12 +22,8 @@ import time
 from multiprocessing import Pool
 from pathlib import Path
 
+import common  # noqa: F401  (this checkout's dnc first on the path)
 import numpy as np
-
-try:
-    import dnc  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dnc.data.classification import CIFAR, ImageFolder, holdout  # noqa: E402
 

@@ -25,17 +25,14 @@ Writes ``DIR/class_addition.json`` and prints a Markdown table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from openset import CIFAR10, class_names, extract_subset, run_dnc  # noqa: E402
+import common  # noqa: E402,F401  (this checkout's dnc first on the path)
+from openset import CIFAR10, class_names, extract_subset, protocol_parser, run_dnc  # noqa: E402
 
 _EXTEND_LINE = re.compile(r"top-1 ([\d.]+)% before, ([\d.]+)% after; ([\d.]+)% now predicted as a new class; "
                           r"mean cosine to their own class ([-\d.]+), to the nearest new class ([-\d.]+)")
@@ -116,11 +113,7 @@ def linear_probe(config: str, ckpt: Path, overrides: list, old_root: Path, shot_
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("archive", type=Path)
-    ap.add_argument("--work-dir", type=Path, required=True)
-    ap.add_argument("--config", default="configs/cifar10_jpeg/effnet-lite0_cpu_dnc.yaml")
-    ap.add_argument("--linear-config", default="configs/cifar10_jpeg/effnet-lite0_cpu_linear.yaml")
+    ap = protocol_parser(__doc__)
     ap.add_argument("--new", default="8,9", help="the 2 classes added later (indices or names)")
     ap.add_argument("--shots", nargs="+", default=["1", "5", "20", "100", "all"])
     ap.add_argument("--seed", type=int, default=0)

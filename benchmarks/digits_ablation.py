@@ -8,7 +8,6 @@ wall time per run).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -20,6 +19,8 @@ from io import StringIO
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import common  # noqa: E402
 
 from dnc.cli import main  # noqa: E402
 from dnc.config import PACKAGE_CONFIGS  # noqa: E402
@@ -51,9 +52,8 @@ def run(config: Path, overrides: list, seed: int) -> tuple:
 
 
 def main_() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", help="write the figures as JSON")
     args = parser.parse_args()
     rows = {}
     print("| variant | top-1 mean | min - max | final centroid_cos | s per run |\n| --- | --- | --- | --- | --- |")
@@ -67,7 +67,7 @@ def main_() -> None:
               if cos else f"| {name} | {statistics.mean(accs):.2f} | {min(accs):.2f} - {max(accs):.2f} | - | "
               f"{statistics.mean(r[1] for r in results):.1f} |", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"seeds": args.seeds, "variants": rows}, indent=2))
+        common.write_json(args.out, {"seeds": args.seeds, "variants": rows})
 
 
 if __name__ == "__main__":

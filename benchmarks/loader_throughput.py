@@ -14,20 +14,12 @@ does, against seeding only the CPU generator). Sizing the GPU runs: an epoch of 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
+import common
 import torch
-
-try:
-    import dnc  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 from torchvision import tv_tensors  # noqa: E402
 
 from dnc.data.classification import build_cls_dataset, collate  # noqa: E402
@@ -36,12 +28,11 @@ from dnc.engine import SeededDataset  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = common.parser(__doc__)
     ap.add_argument("jpeg_root")
     ap.add_argument("--pickle-root")
     ap.add_argument("--samples", type=int, default=300, help="samples per round and variant")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", help="write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -88,7 +79,7 @@ def main(argv=None) -> int:
     if "imagefolder_over_predecoded" in res:
         print(f"  image folder / pre-decoded: x{res['imagefolder_over_predecoded']:.2f}")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+        common.write_json(args.out, res)
     return 0
 
 

@@ -107,12 +107,19 @@ def mean_std(values: list) -> str:
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def protocol_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the CIFAR-10 protocols (this one and ``class_addition.py``): the archive, the work dir,
+    the DNC and linear configs."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("archive", type=Path)
     ap.add_argument("--work-dir", type=Path, required=True)
     ap.add_argument("--config", default="configs/cifar10_jpeg/effnet-lite0_cpu_dnc.yaml")
     ap.add_argument("--linear-config", default="configs/cifar10_jpeg/effnet-lite0_cpu_linear.yaml")
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = protocol_parser(__doc__)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--known", default="0,1,2,4,5,9", help="known classes (indices or names); the others are unknown")
     ap.add_argument("--per-class", type=int, default=0, help="training images per known class (0: all)")
