@@ -209,9 +209,16 @@ class SubCentroids(nn.Module):
         self.steps = int(self.step_count)  # one read per load, never per step
 
     def similarities(self, z: torch.Tensor) -> torch.Tensor:
-        """Cosines ``(N, C, K)`` of unit embeddings ``z (N, D)`` to every sub-centroid."""
-        p = self.centroids.flatten(0, 1)
-        return (z @ p.to(z.dtype).t()).view(z.shape[0], self.num_classes, self.k)
+        """Cosines ``(N, C, K)`` of unit embeddings ``z (N, D)`` to every sub-centroid, in fp32 (fp64 for
+        fp64 ``z``) whatever autocast is active: they decide the clustering (the correctness mask and
+        the Sinkhorn assignment) and every open-set score, which must not depend on the precision of
+        the forward (docs/ALGORITHM.md, "Precision")."""
+        dt = torch.promote_types(z.dtype, torch.float32)
+        p = self.centroids.flatten(0, 1).to(dt)
+        if torch.is_autocast_enabled(z.device.type):  # not while exporting: no autocast region in the graph
+            with torch.autocast(z.device.type, enabled=False):
+                return (z.to(dt) @ p.t()).view(z.shape[0], self.num_classes, self.k)
+        return (z.to(dt) @ p.t()).view(z.shape[0], self.num_classes, self.k)
 
     def _select(self, labels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The samples that take part in a clustering step: ``(groups, rows)``.
@@ -265,7 +272,8 @@ class SubCentroids(nn.Module):
             z: ``(N, D)`` unit embeddings of the step (detached).
             labels: ``(N,)`` class of each; values outside ``[0, C)`` (ignored pixels) take no part.
             correct: ``(N,)`` bool, whether the sample was classified correctly in the forward.
-            sims: optional ``(N, C, K)`` similarities already computed in the forward.
+            sims: optional ``(N, C, K)`` similarities already computed in the forward (fp32 or fp64;
+                lower-precision ones are not used: the own-class similarities are then recomputed in fp32).
 
         Returns:
             ``(N,)`` sub-centroid index assigned to each sample of the step, -1 where it took no part;
@@ -288,9 +296,9 @@ class SubCentroids(nn.Module):
             return None
         c, k, n = self.num_classes, self.k, z.shape[0]
         groups, rows = self._select(labels)
-        if sims is None:
+        if sims is None or sims.dtype not in (torch.float32, torch.float64):  # low precision: recomputed in fp32
             own = self._own_similarities(z, groups, rows)
-        else:  # each slot's K own-class columns of the forward's similarities, then fp32 (not the reverse)
+        else:  # each slot's K own-class columns of the forward's similarities
             cols = groups.clamp(max=c - 1)[:, None] * k + torch.arange(k, device=z.device)
             flat = sims.reshape(n, c * k)
             own = (flat.gather(1, cols) if rows is None else  # one flat index: faster than two on the CPU
