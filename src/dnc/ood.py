@@ -188,7 +188,6 @@ def ood_report(cfg, model: nn.Module, val_loader, folders: Sequence[str], device
 
     Returns ``{folder: {"images": n, kind: {"auroc", "fpr95", "threshold"}}}`` (``fpr95`` is the
     FPR at ``tpr``, 95% by default)."""
-    from .tasks import autocast
     if cfg.task != "classification":
         raise ValueError("dnc test --ood: open-set rejection is measured for classifiers; for a segmenter, "
                          "dnc predict writes the per-pixel score map")
@@ -197,11 +196,11 @@ def ood_report(cfg, model: nn.Module, val_loader, folders: Sequence[str], device
     if len(set(map(str, folders))) != len(folders):
         raise ValueError("dnc test --ood: a folder is given twice")
     loaders = {str(f): _folder_loader(cfg, f, device) for f in folders}  # every folder checked before any work
-    amp = lambda: autocast(cfg, device)  # noqa: E731
-    known, _, _ = score_loader(model, val_loader, device, amp)
+    # In fp32 whatever train.amp, as dnc calibrate and dnc predict score (docs/ALGORITHM.md, "Precision").
+    known, _, _ = score_loader(model, val_loader, device)
     out = {}
     for name, loader in loaders.items():
-        unknown, _, _ = score_loader(model, loader, device, amp)
+        unknown, _, _ = score_loader(model, loader, device)
         out[name] = {"images": len(loader.dataset)}
         for kind in SCORES[cfg.model.head]:
             fpr, t = fpr_at_tpr(known[kind], unknown[kind], tpr)
@@ -217,7 +216,7 @@ def calibrate(cfg, checkpoint, out, tpr: float = 0.95, score: Optional[str] = No
     (atomically). Returns that ``"ood"`` dict."""
     from .config import to_dict
     from .engine import load_checkpoint, save_checkpoint, setup_distributed
-    from .tasks import autocast, build_datasets, build_eval_loader, load_trained_model
+    from .tasks import build_datasets, build_eval_loader, load_trained_model
 
     if cfg.task != "classification":
         raise ValueError("dnc calibrate: thresholds are calibrated for classifiers")
@@ -235,8 +234,8 @@ def calibrate(cfg, checkpoint, out, tpr: float = 0.95, score: Optional[str] = No
     ckpt = load_checkpoint(checkpoint)
     model = load_trained_model(cfg, ckpt, checkpoint).to(info.device).eval()
     val = build_datasets(cfg, ("val",))[0]["val"]
-    scores, labels, preds = score_loader(model, build_eval_loader(cfg, val, info), info.device,
-                                         lambda: autocast(cfg, info.device))
+    # In fp32 whatever train.amp: the threshold is applied by dnc predict to fp32 scores.
+    scores, labels, preds = score_loader(model, build_eval_loader(cfg, val, info), info.device)
     if not len(labels):
         raise ValueError("dnc calibrate: the validation split has no readable image")
     t = threshold_at_tpr(scores[kind], tpr)
