@@ -386,10 +386,14 @@ class SubCentroids(nn.Module):
                              generator: Optional[torch.Generator] = None) -> None:
         """Data-driven initialisation: k-means++ then spherical k-means on each class's embeddings.
 
-        Classes without samples keep their random sub-centroids. Under ``torch.distributed`` the
-        result of process 0 is broadcast, so that all processes start identical.
+        Classes without samples keep their random sub-centroids. Under ``torch.distributed`` every
+        process passes its own embeddings: all of them are gathered, every process clusters the same
+        set (in rank order, with the same ``generator``), and process 0's result is broadcast so that
+        all processes start bit-identical.
         """
         c = self.num_classes
+        if _world_size() > 1:
+            z, labels = _gather_rows(z.float(), labels.long())
         groups = torch.where((labels >= 0) & (labels < c), labels, c)
         centers, found = kmeans_pp(F.normalize(z.float(), dim=-1), groups, c + 1, self.k, iters, generator)
         found = found[:c, None, None]
@@ -397,6 +401,25 @@ class SubCentroids(nn.Module):
         if _world_size() > 1:
             dist.broadcast(new, 0)
         self.centroids = new
+
+
+def _gather_rows(*tensors: torch.Tensor) -> list:
+    """Every process's rows of each tensor (the same number of rows within a process, any number across
+    processes), concatenated in rank order, on every process: the sizes are all-gathered first, then
+    the tensors padded to the largest."""
+    world = _world_size()
+    n = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    out = []
+    for t in tensors:
+        padded = t.new_zeros(max(sizes), *t.shape[1:])
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        out.append(torch.cat([part[:size] for part, size in zip(parts, sizes)]))
+    return out
 
 
 def _sum_rows(slot: torch.Tensor, z: torch.Tensor, rows: Optional[torch.Tensor], num_slots: int,
