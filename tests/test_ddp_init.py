@@ -16,6 +16,7 @@ from dnc_tiny import free_port, one_thread, subprocess_env
 from test_ddp import _torchrun
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.timeout(240)  # torchrun, two processes (its own limit: 120 s)
 
 
 @pytest.fixture(scope="module")

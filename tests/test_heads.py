@@ -123,6 +123,7 @@ def test_pixel_head_with_cap_and_aux_losses():
     assert 0 < taken.sum() <= 4 * 5 and not taken.view(2, 6, 6)[0, :2].any()
 
 
+@pytest.mark.timeout(240)  # torchrun, two processes (its own limit: 120 s)
 def test_ddp_default_broadcast_buffers_with_a_memory_is_an_error(tmp_path):
     """Two CPU processes (gloo): with ``broadcast_buffers=True`` both stop with one clear error naming
     the fix; with ``broadcast_buffers=False`` each keeps its own memory shard."""
