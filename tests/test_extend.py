@@ -181,8 +181,8 @@ def test_several_classes_added_and_removed_at_once_keep_their_own_subcentroids_a
     torch.manual_seed(0)
     model = build_model(cfg, pretrained="")
     with torch.no_grad():
-        model.head.mask_norm.weight.copy_(torch.arange(1.0, 7.0))
-        model.head.mask_norm.bias.copy_(-torch.arange(1.0, 7.0))
+        model.head.mask_norm.weight.copy_(2.0 ** torch.arange(6.0))  # the mean of the kept ones is not all's
+        model.head.mask_norm.bias.copy_(-(2.0 ** torch.arange(6.0)))
     classes = list("abcdef")
     g = torch.Generator().manual_seed(1)
     dirs = F.normalize(torch.randn(3, 16, generator=g), dim=1)
@@ -196,7 +196,7 @@ def test_several_classes_added_and_removed_at_once_keep_their_own_subcentroids_a
     assert p_new.shape == (7, 3, 16)
     assert torch.equal(p_new[:4], p_old[keep])
     w = model2.head.mask_norm.weight.detach()
-    torch.testing.assert_close(w, torch.tensor([1.0, 3.0, 4.0, 6.0] + [3.5] * 3))  # new classes: the kept mean
+    torch.testing.assert_close(w, torch.tensor([1.0, 4.0, 8.0, 32.0] + [11.25] * 3))  # new classes: the kept mean
     torch.testing.assert_close(model2.head.mask_norm.bias.detach(), -w)
     for i, name in enumerate("xyz"):
         p = p_new[4 + i]

@@ -136,7 +136,7 @@ def extend_model(cfg, model: nn.Module, classes: Sequence[str], added: dict, rem
     if added:
         z = torch.cat([added[n] for n in added]).to(p_old)
         groups = torch.cat([torch.full((len(added[n]),), i, dtype=torch.long) for i, n in enumerate(added)]).to(z.device)
-        p_new = fit_subcentroids(z, (groups + 1) % len(added), len(added), k, generator=torch.Generator().manual_seed(seed))
+        p_new = fit_subcentroids(z, groups, len(added), k, generator=torch.Generator().manual_seed(seed))
     else:
         p_new = p_old.new_zeros(0, k, p_old.shape[-1])
     centroids = torch.cat([p_old[keep], p_new.to(p_old)])
