@@ -1,5 +1,7 @@
 # make demo  - create .venv if missing, then train DNC and linear models on the built-in digits (CPU)
 # make test  - create .venv if missing, then run the test suite
+# make mutation - mutation testing (mutmut) of the core modules against their fast tests; slow, not part
+#   of make test (TESTING.md records the last score)
 # make bench - head-overhead benchmark (reduced sizes on CPU, full sizes on a GPU)
 # make evidence DATA=DIR - DNC vs linear with the pretrained backbone, 3 seeds, on held-out test splits;
 #   DIR holds cifar10-train-jpeg.tar.gz, camvid-train-240x180.tar.gz and camvid-val-240x180.tar.gz
@@ -12,7 +14,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 DEVICE ?= auto
 
-.PHONY: demo test bench evidence clean
+.PHONY: demo test mutation bench evidence clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +27,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
+mutation: $(VENV)/.installed
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[mutation]'
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run $(if $(JOBS),--max-children $(JOBS))
+	$(VENV)/bin/mutmut results
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/head_overhead.py
 
@@ -35,4 +43,4 @@ evidence: $(VENV)/.installed
 	$(PY) benchmarks/evidence.py --data work_dirs/evidence_data --out work_dirs/evidence --device $(DEVICE)
 
 clean:
-	rm -rf $(VENV) work_dirs .pytest_cache
+	rm -rf $(VENV) work_dirs .pytest_cache mutants

@@ -1,4 +1,4 @@
-"""Invariants of the sub-centroid core (ALGORITHM.md, "Invariants a correct implementation shows")."""
+"""Invariants of the sub-centroid core (docs/ALGORITHM.md, "Invariants a correct implementation shows")."""
 import torch
 import torch.nn.functional as F
 

@@ -163,6 +163,7 @@ def image_folder(tmp_path):
     return config, bad
 
 
+@pytest.mark.timeout(180)  # DataLoader worker processes
 @pytest.mark.parametrize("workers", [0, 1])
 def test_corrupt_image_is_an_error_naming_the_file(image_folder, tmp_path, capsys, workers):
     config, bad = image_folder

@@ -24,6 +24,8 @@ from dnc_tiny import (CONFIG, NUM_VAL, TINY, assert_same_training_state, free_po
                       sigterm_group_once_training, subprocess_env)
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+# torchrun: the module's launch (its own limit: 300 s) runs in the first test's setup
+pytestmark = pytest.mark.timeout(480)
 
 STOP = 37  # mid-epoch
 SIGTERM_AT = 7  # process 1 alone receives SIGTERM during step 7, far from a log step (every 50)

@@ -78,6 +78,7 @@ def test_stop_and_resume_equals_uninterrupted_run(reference, stopped, tmp_path):
     assert_same_training_state(load_checkpoint(reference / "best.pt"), load_checkpoint(work / "best.pt"))
 
 
+@pytest.mark.timeout(420)  # a training process and its DataLoader workers
 def test_sigterm_to_the_process_group_saves_a_resumable_checkpoint_with_loader_workers(tmp_path):
     """What a cluster scheduler does: SIGTERM to every process of the job, DataLoader workers included.
     The workers ignore it, the main process saves last.pt and exits with the "stopped" status (before the

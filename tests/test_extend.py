@@ -167,3 +167,48 @@ def test_refit_old_places_old_classes_on_the_current_embedding(setup, tmp_path, 
 
     assert own(new["model"][KEY][:6]) > own(old["model"][KEY])
     assert after > before - 10
+
+
+def test_several_classes_added_and_removed_at_once_keep_their_own_subcentroids_and_names(tmp_path):
+    """Three classes added (1, 5 and 12 embeddings, each around its own direction) and two removed (not
+    next to each other) in one call: the kept classes keep their sub-centroids and per-class calibration
+    in their new order, every added class's sub-centroids come from its own embeddings and carry its
+    name, and the extended model classifies each added class's embeddings as that class."""
+    from dnc.extend import extend_model
+    over = ("model.backbone_kwargs.width=4", "model.backbone_kwargs.num_features=16", "model.dnc.calibration=layernorm",
+            "data.dataset=imagefolder", "data.num_classes=6", f"data.root={tmp_path}", "model.dnc.num_subcentroids=3")
+    cfg = load_config(DNC_CFG, over)
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained="")
+    with torch.no_grad():
+        model.head.mask_norm.weight.copy_(2.0 ** torch.arange(6.0))  # the mean of the kept ones is not all's
+        model.head.mask_norm.bias.copy_(-(2.0 ** torch.arange(6.0)))
+    classes = list("abcdef")
+    g = torch.Generator().manual_seed(1)
+    dirs = F.normalize(torch.randn(3, 16, generator=g), dim=1)
+    added = {name: F.normalize(dirs[i] + 0.1 * torch.randn(n, 16, generator=g), dim=1)
+             for i, (name, n) in enumerate((("x", 1), ("y", 5), ("z", 12)))}
+    cfg2, model2, classes2 = extend_model(cfg, model, classes, added, ["e", "b"], seed=3)
+    assert classes2 == list("acdfxyz") and cfg2.data.num_classes == 7
+    assert cfg2.data.dataset_kwargs["classes"] == classes2
+    keep = [0, 2, 3, 5]
+    p_old, p_new = model.state_dict()[KEY], model2.state_dict()[KEY]
+    assert p_new.shape == (7, 3, 16)
+    assert torch.equal(p_new[:4], p_old[keep])
+    w = model2.head.mask_norm.weight.detach()
+    torch.testing.assert_close(w, torch.tensor([1.0, 4.0, 8.0, 32.0] + [11.25] * 3))  # new classes: the kept mean
+    torch.testing.assert_close(model2.head.mask_norm.bias.detach(), -w)
+    for i, name in enumerate("xyz"):
+        p = p_new[4 + i]
+        own = (p @ added[name].t()).amax(1)
+        others = torch.cat([added[o] for o in "xyz" if o != name])
+        assert (own > 0.95).all() and ((p @ others.t()).amax() < own.min() - 0.2), name
+        torch.testing.assert_close(p.norm(dim=1), torch.ones(3))
+        sims = model2.head.centroids.similarities(added[name]).amax(-1)
+        assert (sims.argmax(1) == classes2.index(name)).all(), name
+    # the same request through another order of additions names the same sub-centroids (no mix-up)
+    _, model3, classes3 = extend_model(cfg, model, classes, {n: added[n] for n in "zxy"}, ["b", "e"], seed=3)
+    assert classes3 == list("acdfzxy")
+    for name in "xyz":
+        p2, p3 = p_new[classes2.index(name)], model3.state_dict()[KEY][classes3.index(name)]
+        assert (p3 @ added[name].t()).amax(1).min() > 0.95 and (p2 @ added[name].t()).amax(1).min() > 0.95, name

@@ -123,6 +123,7 @@ def test_pixel_head_with_cap_and_aux_losses():
     assert 0 < taken.sum() <= 4 * 5 and not taken.view(2, 6, 6)[0, :2].any()
 
 
+@pytest.mark.timeout(240)  # torchrun, two processes (its own limit: 120 s)
 def test_ddp_default_broadcast_buffers_with_a_memory_is_an_error(tmp_path):
     """Two CPU processes (gloo): with ``broadcast_buffers=True`` both stop with one clear error naming
     the fix; with ``broadcast_buffers=False`` each keeps its own memory shard."""
@@ -157,3 +158,27 @@ def test_hand_written_backwards_equal_autograd(monkeypatch):
     torch.testing.assert_close(scores, s.amax(-1))
     torch.testing.assert_close(lse, torch.logsumexp(s.flatten(1) / 0.1, 1))
     torch.testing.assert_close(own, s.flatten(1).gather(1, index[:, None]).squeeze(1))
+
+
+def test_pixel_head_inference_is_the_flat_head_per_pixel_and_255_is_ignored_by_default():
+    """Evaluation (with or without a target): the ``(B, C, H, W)`` logits are the flat head's per pixel;
+    training with the default ``ignore_index`` (255) and the auxiliary losses: 255 pixels take no part."""
+    torch.manual_seed(13)
+    head = PixelHead(DNCHead(8, 3, num_subcentroids=2, momentum=0.5, contrast_weight=0.01, compact_weight=0.001))
+    x = torch.randn(2, 8, 4, 5)
+    head.eval()
+    flat = head.head(x.permute(0, 2, 3, 1).reshape(-1, 8)).view(2, 4, 5, 3).permute(0, 3, 1, 2)
+    target = torch.randint(0, 3, (2, 4, 5))
+    for out in (head(x), head(x, target)):
+        assert torch.is_tensor(out) and out.shape == (2, 3, 4, 5)
+        torch.testing.assert_close(out, flat)
+    head.train()
+    start = head.state_dict()
+    target[:, :2] = 255
+    logits, losses = head(x, target)
+    assert set(losses) == {"contrast", "compact"} and all(torch.isfinite(v) for v in losses.values())
+    moved = head.head.centroids.centroids.clone()
+    head.load_state_dict(start)
+    keep = target != 255
+    head.head(x.permute(0, 2, 3, 1)[keep], target[keep])  # the same step without the ignored pixels
+    torch.testing.assert_close(head.head.centroids.centroids, moved)

@@ -96,6 +96,7 @@ def _dist_worker(rank, world_size, init_file, out_file):
 
 @pytest.mark.skipif(not torch.distributed.is_available() or sys.platform != "linux",
                     reason="needs torch.distributed (gloo) and fork")
+@pytest.mark.timeout(120)  # two processes: a collective one never reaches fails here, not in CI's limit
 def test_distributed_counts_are_summed(tmp_path):
     import torch.multiprocessing as mp
     mp.start_processes(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2,

@@ -54,6 +54,19 @@ def test_dnc_score_is_the_max_subcentroid_cosine_before_the_temperature():
     torch.testing.assert_close(scores["energy"], logits.logsumexp(1))
 
 
+def _fp32_scores(config, ckpt, root, files) -> dict:
+    """``image_scores`` of image files in fp32, with the evaluation transform of the config."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from dnc.data.classification import read_rgb
+    from dnc.tasks import eval_transform
+    cfg = load_config(config, tuple(overrides(root)))
+    model = build_model(cfg, pretrained="")
+    model.load_state_dict(load_checkpoint(ckpt)["model"])
+    tf = eval_transform(cfg)
+    return image_scores(model.eval(), torch.stack([tf(TF.to_image(read_rgb(p))) for p in files]))[1]
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = write_digits(tmp_path_factory.mktemp("digits"))
@@ -73,11 +86,21 @@ def test_test_ood_reports_auroc_fpr95_and_threshold_per_head(models, tmp_path):
     assert dnc_ood["images"] == 80 and set(dnc_ood) == {"images", "cosine", "msp", "energy"}
     assert set(results["linear"]["ood"][str(root / "unknown")]) == {"images", "msp", "energy"}
     assert results["dnc"]["ood"][str(root / "new" / "9")]["images"] == 50
-    for r in (results["dnc"], results["linear"]):
-        for entry in r["ood"].values():
-            for kind, m in entry.items():
-                if kind != "images":
-                    assert 0 <= m["auroc"] <= 100 and 0 <= m["fpr95"] <= 100 and np.isfinite(m["threshold"])
+    # every number is that of the fp32 scores of the same images, computed here with scikit-learn
+    val = sorted(str(p) for p in (root / "known" / "val").rglob("*.png"))
+    for name, cfg, ckpt in (("dnc", DNC_CFG, dnc), ("linear", LINEAR_CFG, linear)):
+        known = _fp32_scores(cfg, ckpt, root, val)
+        for folder in (root / "unknown", root / "new" / "9"):
+            unknown = _fp32_scores(cfg, ckpt, root, sorted(str(p) for p in folder.rglob("*.png")))
+            for kind, m in results[name]["ood"][str(folder)].items():
+                if kind == "images":
+                    continue
+                y = np.r_[np.ones(len(known[kind])), np.zeros(len(unknown[kind]))]
+                auc = 100 * roc_auc_score(y, np.r_[known[kind].numpy(), unknown[kind].numpy()])
+                t = threshold_at_tpr(known[kind], 0.95)
+                assert m["auroc"] == pytest.approx(auc, abs=1e-3), (name, folder, kind)
+                assert m["threshold"] == pytest.approx(t, abs=1e-5), (name, folder, kind)
+                assert m["fpr95"] == pytest.approx(100 * float((unknown[kind] >= t).double().mean()), abs=1e-3)
     assert dnc_ood["cosine"]["auroc"] > 60  # unseen digits do look less like any known digit
     assert results["dnc"]["top1"] > 80     # the model is trained, and the accuracy is still reported
 
@@ -156,3 +179,28 @@ def test_segmenter_score_map_and_predict_writes_it(tmp_path):
     assert main(["predict", str(tmp_path / "seg.pt"), str(tmp_path / "street.png"), "--pictures", str(tmp_path / "o")]) == 0
     with Image.open(tmp_path / "o" / "street_score.png") as img:
         assert img.mode == "L" and img.size == (52, 40)
+
+
+def test_calibrate_test_ood_and_predict_give_the_same_score_for_the_same_image(models, tmp_path, capsys):
+    """One precision for every open-set score (docs/ALGORITHM.md, "Precision"): with ``train.amp=bf16``,
+    ``dnc calibrate`` and ``dnc test --ood`` score the validation images in fp32, as ``dnc predict`` does,
+    so the threshold calibrated on them is the one ``predict``'s own scores of the same images give
+    (scored under bf16 autocast they differed by up to 3e-3)."""
+    from dnc.predict import run_predict
+    root, dnc, _ = models
+    bf16 = [*overrides(root), "train.amp=bf16"]
+    cal = tmp_path / "cal.pt"
+    assert main(["calibrate", DNC_CFG, str(dnc), "--tpr", "0.95", "--out", str(cal), *bf16]) == 0
+    threshold = load_checkpoint(cal)["ood"]["threshold"]
+    out = tmp_path / "ood.json"
+    assert main(["test", DNC_CFG, str(dnc), "--ood", str(root / "unknown"), "--out", str(out), *bf16]) == 0
+    reported = json.loads(out.read_text())["ood"][str(root / "unknown")]["cosine"]["threshold"]
+    val = sorted(str(p) for p in (root / "known" / "val").rglob("*.png"))
+    capsys.readouterr()
+    recs = run_predict(cal, val, topk=1, device="cpu", quiet=True)
+    scores = torch.tensor([r["ood"]["score"] for r in recs], dtype=torch.float64)  # rounded to 6 decimals
+    assert len(scores) == 120
+    assert reported == pytest.approx(threshold, abs=1e-6)
+    assert threshold_at_tpr(scores, 0.95) == pytest.approx(threshold, abs=1.5e-6)
+    # every image: predict's score equals the fp32 image_scores of the calibrated model
+    torch.testing.assert_close(scores, _fp32_scores(DNC_CFG, cal, root, val)["cosine"].double(), atol=1e-6, rtol=0)

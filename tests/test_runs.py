@@ -138,6 +138,7 @@ def test_outputs_are_written_with_the_usual_permissions(finished):
         assert stat.S_IMODE((finished / name).stat().st_mode) == 0o666 & ~umask, name
 
 
+@pytest.mark.timeout(180)  # a child process
 def test_temporaries_of_a_killed_save_are_removed_at_the_next_start(finished, tmp_path):
     work = tmp_path / "run"
     shutil.copytree(finished, work)

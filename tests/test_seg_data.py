@@ -103,6 +103,7 @@ def test_label_map_dict_and_lut(tmp_path):
     assert both[0][1].tolist() == [[6, 0, 1], [1, 0, 255]]
 
 
+@pytest.mark.timeout(120)  # DataLoader worker processes
 def test_check_masks_names_first_bad_file(tmp_path):
     good = np.array([[1, 2], [0, 255]], np.uint8)
     bad = np.array([[1, 200], [0, 255]], np.uint8)  # 200 -> 199 after reduce_zero_label

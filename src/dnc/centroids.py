@@ -209,9 +209,16 @@ class SubCentroids(nn.Module):
         self.steps = int(self.step_count)  # one read per load, never per step
 
     def similarities(self, z: torch.Tensor) -> torch.Tensor:
-        """Cosines ``(N, C, K)`` of unit embeddings ``z (N, D)`` to every sub-centroid."""
-        p = self.centroids.flatten(0, 1)
-        return (z @ p.to(z.dtype).t()).view(z.shape[0], self.num_classes, self.k)
+        """Cosines ``(N, C, K)`` of unit embeddings ``z (N, D)`` to every sub-centroid, in fp32 (fp64 for
+        fp64 ``z``) whatever autocast is active: they decide the clustering (the correctness mask and
+        the Sinkhorn assignment) and every open-set score, which must not depend on the precision of
+        the forward (docs/ALGORITHM.md, "Precision")."""
+        dt = torch.promote_types(z.dtype, torch.float32)
+        p = self.centroids.flatten(0, 1).to(dt)
+        if torch.is_autocast_enabled(z.device.type):  # not while exporting: no autocast region in the graph
+            with torch.autocast(z.device.type, enabled=False):
+                return (z.to(dt) @ p.t()).view(z.shape[0], self.num_classes, self.k)
+        return (z.to(dt) @ p.t()).view(z.shape[0], self.num_classes, self.k)
 
     def _select(self, labels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The samples that take part in a clustering step: ``(groups, rows)``.
@@ -265,7 +272,8 @@ class SubCentroids(nn.Module):
             z: ``(N, D)`` unit embeddings of the step (detached).
             labels: ``(N,)`` class of each; values outside ``[0, C)`` (ignored pixels) take no part.
             correct: ``(N,)`` bool, whether the sample was classified correctly in the forward.
-            sims: optional ``(N, C, K)`` similarities already computed in the forward.
+            sims: optional ``(N, C, K)`` similarities already computed in the forward (fp32 or fp64;
+                lower-precision ones are not used: the own-class similarities are then recomputed in fp32).
 
         Returns:
             ``(N,)`` sub-centroid index assigned to each sample of the step, -1 where it took no part;
@@ -288,9 +296,9 @@ class SubCentroids(nn.Module):
             return None
         c, k, n = self.num_classes, self.k, z.shape[0]
         groups, rows = self._select(labels)
-        if sims is None:
+        if sims is None or sims.dtype not in (torch.float32, torch.float64):  # low precision: recomputed in fp32
             own = self._own_similarities(z, groups, rows)
-        else:  # each slot's K own-class columns of the forward's similarities, then fp32 (not the reverse)
+        else:  # each slot's K own-class columns of the forward's similarities
             cols = groups.clamp(max=c - 1)[:, None] * k + torch.arange(k, device=z.device)
             flat = sims.reshape(n, c * k)
             own = (flat.gather(1, cols) if rows is None else  # one flat index: faster than two on the CPU
@@ -378,10 +386,14 @@ class SubCentroids(nn.Module):
                              generator: Optional[torch.Generator] = None) -> None:
         """Data-driven initialisation: k-means++ then spherical k-means on each class's embeddings.
 
-        Classes without samples keep their random sub-centroids. Under ``torch.distributed`` the
-        result of process 0 is broadcast, so that all processes start identical.
+        Classes without samples keep their random sub-centroids. Under ``torch.distributed`` every
+        process passes its own embeddings: all of them are gathered, every process clusters the same
+        set (in rank order, with the same ``generator``), and process 0's result is broadcast so that
+        all processes start bit-identical.
         """
         c = self.num_classes
+        if _world_size() > 1:
+            z, labels = _gather_rows(z.float(), labels.long())
         groups = torch.where((labels >= 0) & (labels < c), labels, c)
         centers, found = kmeans_pp(F.normalize(z.float(), dim=-1), groups, c + 1, self.k, iters, generator)
         found = found[:c, None, None]
@@ -389,6 +401,25 @@ class SubCentroids(nn.Module):
         if _world_size() > 1:
             dist.broadcast(new, 0)
         self.centroids = new
+
+
+def _gather_rows(*tensors: torch.Tensor) -> list:
+    """Every process's rows of each tensor (the same number of rows within a process, any number across
+    processes), concatenated in rank order, on every process: the sizes are all-gathered first, then
+    the tensors padded to the largest."""
+    world = _world_size()
+    n = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    out = []
+    for t in tensors:
+        padded = t.new_zeros(max(sizes), *t.shape[1:])
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        out.append(torch.cat([part[:size] for part, size in zip(parts, sizes)]))
+    return out
 
 
 def _sum_rows(slot: torch.Tensor, z: torch.Tensor, rows: Optional[torch.Tensor], num_slots: int,

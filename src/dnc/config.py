@@ -33,7 +33,7 @@ def _choice(default, *choices):
 
 @dataclass
 class DNCConfig:
-    """The sub-centroid head (see ALGORITHM.md)."""
+    """The sub-centroid head (see docs/ALGORITHM.md)."""
     num_subcentroids: int = 4
     feat_norm: bool = True
     calibration: str = _choice("temperature", "layernorm")

@@ -170,6 +170,7 @@ def ood_report(cfg, model: nn.Module, val_loader, folders: Sequence[str], device
     if len(set(map(str, folders))) != len(folders):
         raise ValueError("dnc test --ood: a folder is given twice")
     loaders = {str(f): _folder_loader(cfg, f, device) for f in folders}  # every folder checked before any work
+    # In fp32 whatever train.amp, as dnc calibrate and dnc predict score (docs/ALGORITHM.md, "Precision").
     known, _, _ = score_loader(model, val_loader, device)
     out = {}
     for name, loader in loaders.items():
@@ -205,6 +206,7 @@ def calibrate(cfg, checkpoint, out, tpr: float = 0.95, score: Optional[str] = No
     ckpt = load_checkpoint(checkpoint)
     model = load_trained_model(cfg, ckpt, checkpoint).to(info.device).eval()
     val = build_datasets(cfg, ("val",))[0]["val"]
+    # In fp32 whatever train.amp: the threshold is applied by dnc predict to fp32 scores.
     scores, labels, preds = score_loader(model, build_eval_loader(cfg, val, info), info.device)
     if not len(labels):
         raise ValueError("dnc calibrate: the validation split has no readable image")
