@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from dnc.config import load_config, to_dict
-from dnc.data.classification import ImageFolder, read_rgb
+from dnc.data.classification import ImageFolder
+from dnc.data.images import ImageList, read_rgb
 from dnc.engine import save_checkpoint
-from dnc.ood import ImageList
 from dnc.predict import run_predict
 from dnc.tasks import build_model, eval_transform
 
@@ -59,7 +59,7 @@ def test_predict_gives_the_same_record_for_both(tmp_path, capsys):
     save_checkpoint(ckpt, {"model": build_model(cfg, pretrained="").state_dict(), "config": to_dict(cfg),
                            "ood": {"score": "cosine", "threshold": 0.5, "tpr": 0.95}})
     a, b = _pair(tmp_path / "img")
-    ra, rb = run_predict(ckpt, [str(a), str(b)], quiet=True)
+    ra, rb = run_predict(ckpt, [str(a), str(b)])
     assert ra["top"] == rb["top"] and ra["ood"] == rb["ood"]
 
 

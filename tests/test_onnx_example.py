@@ -103,7 +103,7 @@ def test_example_without_torch_agrees_with_dnc_predict(calibrated, layout, capsy
     r = _run_example(env, model, *paths, "--out", out)
     assert r.returncode == 0, r.stderr
     got = json.loads(out.read_text())
-    ref = run_predict(ckpt, paths, out=tmp / "predict.json", quiet=True)
+    ref = run_predict(ckpt, paths, out=tmp / "predict.json")
     capsys.readouterr()
     assert [g["path"] for g in got] == [p["path"] for p in ref] == paths
     same_class = np.mean([g["pred"] == p["pred"] for g, p in zip(got, ref)])
@@ -127,7 +127,7 @@ def test_example_writes_the_csv_of_dnc_predict(calibrated, capsys):
     assert main(["export", str(ckpt), "--format", "onnx", "--out", str(model)]) == 0
     r = _run_example(_blocked_env(tmp), model, *paths[:6], "--out", tmp / "example.csv", "--topk", "3")
     assert r.returncode == 0, r.stderr
-    run_predict(ckpt, paths[:6], out=tmp / "predict.csv", topk=3, quiet=True)
+    run_predict(ckpt, paths[:6], out=tmp / "predict.csv", topk=3)
     capsys.readouterr()
     rows = [line.split(",") for line in (tmp / "example.csv").read_text().splitlines()]
     ref = [line.split(",") for line in (tmp / "predict.csv").read_text().splitlines()]

@@ -58,7 +58,7 @@ def _fp32_scores(config, ckpt, root, files) -> dict:
     """``image_scores`` of image files in fp32, with the evaluation transform of the config."""
     from torchvision.transforms.v2 import functional as TF
 
-    from dnc.data.classification import read_rgb
+    from dnc.data.images import read_rgb
     from dnc.tasks import eval_transform
     cfg = load_config(config, tuple(overrides(root)))
     model = build_model(cfg, pretrained="")
@@ -197,7 +197,7 @@ def test_calibrate_test_ood_and_predict_give_the_same_score_for_the_same_image(m
     reported = json.loads(out.read_text())["ood"][str(root / "unknown")]["cosine"]["threshold"]
     val = sorted(str(p) for p in (root / "known" / "val").rglob("*.png"))
     capsys.readouterr()
-    recs = run_predict(cal, val, topk=1, device="cpu", quiet=True)
+    recs = run_predict(cal, val, topk=1, device="cpu")
     scores = torch.tensor([r["ood"]["score"] for r in recs], dtype=torch.float64)  # rounded to 6 decimals
     assert len(scores) == 120
     assert reported == pytest.approx(threshold, abs=1e-6)
