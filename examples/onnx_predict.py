@@ -138,7 +138,8 @@ def line(rec: dict) -> str:
 
 
 def write_records(path, records) -> None:
-    """``.json``: the list of records; ``.csv``: path, class_i and score_i of the top classes (as dnc predict)."""
+    """``.json``: the list of records; ``.csv``: path, class_i and score_i of the top classes (as dnc predict:
+    a cell that a spreadsheet would run as a formula gets a leading ``'``)."""
     path = Path(path)
     if path.suffix == ".json":
         path.write_text(json.dumps(list(records), indent=2) + "\n")
@@ -150,7 +151,8 @@ def write_records(path, records) -> None:
     w.writerow(["path"] + [f"{x}_{i}" for i in range(1, k + 1) for x in ("class", "score")] + extra)
     for r in records:
         top = [v for t in r["top"] for v in (t["class"], t["score"])]
-        w.writerow([r["path"]] + top + [""] * (2 * k - len(top)) + ([r["ood"]["unknown"]] if extra else []))
+        row = [r["path"]] + top + [""] * (2 * k - len(top)) + ([r["ood"]["unknown"]] if extra else [])
+        w.writerow([f"'{v}" if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v for v in row])
     path.write_text(buf.getvalue())
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from dnc.cli import main
 from dnc.config import PACKAGE_CONFIGS, load_config
+from dnc.runconfig import resolve_config
 from dnc.data.classification import Digits
 from dnc_tiny import CONFIG, NUM_VAL, TINY, one_thread
 
@@ -37,8 +38,10 @@ def trained(tmp_path_factory):
 
 def test_train_writes_the_work_dir(trained):
     assert {p.name for p in trained.iterdir()} == {"config.yaml", "log.jsonl", "last.pt", "best.pt", "metrics.json"}
-    # The saved config is complete and resolves to the same configuration.
-    assert load_config(str(trained / "config.yaml")) == load_config(CONFIG, tuple(RUN))
+    # The saved config is complete: the config file's, with what it left open made explicit (no null mean/std).
+    saved = load_config(str(trained / "config.yaml"))
+    assert saved == resolve_config(load_config(CONFIG, tuple(RUN)))
+    assert (saved.data.mean, saved.data.std) == ([0.5] * 3, [0.5] * 3)
     recs = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in recs if r["mode"] == "val"] == [10, 20, 30]
     assert [r["iter"] for r in recs if r["mode"] == "train"] == [5, 10, 15, 20, 25, 30]

@@ -169,7 +169,9 @@ def test_pixel_head_inference_is_the_flat_head_per_pixel_and_255_is_ignored_by_d
     head.eval()
     flat = head.head(x.permute(0, 2, 3, 1).reshape(-1, 8)).view(2, 4, 5, 3).permute(0, 3, 1, 2)
     target = torch.randint(0, 3, (2, 4, 5))
-    for out in (head(x), head(x, target)):
+    with_target, losses = head(x, target)  # with labels, evaluation returns what training returns (no losses)
+    assert losses == {}
+    for out in (head(x), with_target):
         assert torch.is_tensor(out) and out.shape == (2, 3, 4, 5)
         torch.testing.assert_close(out, flat)
     head.train()

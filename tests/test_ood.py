@@ -153,7 +153,7 @@ def test_calibrate_refuses_to_overwrite_its_input_and_a_bad_score(models, capsys
     root, dnc, _ = models
     before = dnc.read_bytes()
     assert main(["calibrate", DNC_CFG, str(dnc), "--out", str(dnc), *overrides(root)]) == 1
-    assert "new file" in capsys.readouterr().err
+    assert "is an input of this command" in capsys.readouterr().err
     assert main(["calibrate", DNC_CFG, str(dnc), "--out", str(dnc) + "2", "--score", "logits", *overrides(root)]) == 1
     assert "--score 'logits'" in capsys.readouterr().err
     assert dnc.read_bytes() == before

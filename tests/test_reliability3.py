@@ -244,8 +244,11 @@ def test_hostile_class_names_are_refused_where_they_enter(finished, tmp_path, ca
     bad = tmp_path / "names.pt"
     save_checkpoint(bad, {k: v for k, v in ckpt.items() if k != "format"})
     capsys.readouterr()
-    assert main(["predict", str(bad), str(images[0])]) == 1
-    assert str(bad) in one_error(capsys)
+    if name == "a/b":  # a checkpoint's names may hold "/" (CamVid's "sign/symbol"); file names are sanitised
+        assert main(["predict", str(bad), str(images[0]), "--out", str(tmp_path / "p.csv")]) == 0
+    else:
+        assert main(["predict", str(bad), str(images[0])]) == 1
+        assert str(bad) in one_error(capsys)
     capsys.readouterr()
     assert main(["extend", str(finished / "last.pt"), "--add", f"{name}={images[0].parent}",
                  "--out", str(tmp_path / "x.pt")]) == 1

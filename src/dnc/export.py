@@ -77,7 +77,7 @@ class Outputs(nn.Module):
 
     def __init__(self, model: nn.Module, segmentation: bool, kind: Optional[str] = None):
         super().__init__()
-        from .ood import _head
+        from .embedding import head_of as _head
         self.model, self.segmentation = model.eval(), segmentation
         self.kind = kind or ("cosine" if hasattr(_head(model), "centroids") else "msp")
         self.names = ("logits", "labels", "score") if segmentation else ("logits", "score")

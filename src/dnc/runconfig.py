@@ -95,7 +95,8 @@ def checkpoint_classes(ckpt: dict, cfg: Config, path) -> list:
     """The class names of a checkpoint (``"0"``, ``"1"``, ... when it has none), checked: one per class
     of the model, each a valid name (:func:`~dnc.validate.check_class_names`)."""
     from .validate import check_class_names
-    classes = check_class_names(ckpt.get("classes") or [str(i) for i in range(cfg.data.num_classes)], path)
+    classes = check_class_names(ckpt.get("classes") or [str(i) for i in range(cfg.data.num_classes)], path,
+                                separators=True)
     if len(classes) != cfg.data.num_classes:
         raise ConfigError(f"{path}: holds {len(classes)} class names for a model of {cfg.data.num_classes} classes")
     return classes

@@ -1,8 +1,10 @@
 """Checks of what enters ``dnc`` from files, made once where it enters.
 
-* Class names (class folders, ``extend --add NAME=DIR``, checkpoints): a name becomes a file name in
-  ``dnc explain``'s report and ``dnc predict``'s pictures, a CSV cell and a terminal line, so it may
-  hold no control character and no path separator, and may not be empty, ``.`` or ``..``.
+* Class names (class folders, ``extend --add NAME=DIR``, checkpoints): a name is shown in ``dnc
+  explain``'s report, a CSV cell and a terminal line, so it may hold no control character and may not
+  be empty, ``.`` or ``..``; a new name (a folder, ``--add``) may hold no path separator either. A
+  checkpoint's names may (a built-in dataset's, such as CamVid's ``sign/symbol``): file names made of
+  class names are always sanitised.
 * Tensors (checkpoints, pretrained weights): every floating-point tensor is finite; a NaN sub-centroid
   or weight would otherwise send every prediction to class 0 without a word."""
 from __future__ import annotations
@@ -15,24 +17,24 @@ import torch
 __all__ = ["check_class_names", "check_finite"]
 
 
-def _problem(name) -> str:
+def _problem(name, separators: bool) -> str:
     if not isinstance(name, str) or not name.strip():
         return "is empty or not text"
     if name in (".", ".."):
         return "is a path component"
-    if "/" in name or "\\" in name:
+    if not separators and ("/" in name or "\\" in name):
         return "holds a path separator"
     if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
         return "holds a control character"
     return ""
 
 
-def check_class_names(names: Iterable, where) -> list:
+def check_class_names(names: Iterable, where, separators: bool = False) -> list:
     """``names`` as a list, or a ``ValueError`` naming ``where`` (a folder, a checkpoint, an option) and
-    the first bad name."""
+    the first bad name; ``separators``: names may hold ``/`` (a checkpoint's)."""
     names = list(names)
     for name in names:
-        why = _problem(name)
+        why = _problem(name, separators)
         if why:
             raise ValueError(f"{where}: class name {name!r} {why}; rename it")
     if len(set(names)) != len(names):
