@@ -144,13 +144,16 @@ def test_layernorm_calibration_and_memory_follow_the_classes(tmp_path):
     assert "optimizer" not in new
 
 
-def test_refit_old_places_old_classes_on_the_current_embedding(setup, tmp_path, capsys):
+def test_refit_old_places_old_classes_on_the_current_embedding(setup, tmp_path, capsys, monkeypatch):
     root, ckpt = setup
     out = tmp_path / "refit.pt"
     capsys.readouterr()
+    monkeypatch.setattr("dnc.extend.WARN_DROP", -101.0)  # any change warns: the advice after --refit-old
     assert main(["extend", DNC_CFG, str(ckpt), "--add", f"6={root / 'new' / '6'}", "--refit-old", "--val",
                  "--out", str(out), *overrides(root)]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("old classes"))
+    printed = capsys.readouterr()
+    assert "continue training: dnc train" in printed.err and "re-fit them with --refit-old" not in printed.err
+    line = next(x for x in printed.out.splitlines() if x.startswith("old classes"))
     before, after = (float(v) for v in line.split("top-1 ")[1].split("% after")[0].split("% before, "))
     old, new = load_checkpoint(ckpt), load_checkpoint(out)
     assert not torch.equal(new["model"][KEY][:6], old["model"][KEY])

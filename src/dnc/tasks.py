@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -412,7 +413,11 @@ def init_centroids_from_data(cfg: Config, model: nn.Module, dataset, info: DistI
     zs, ys, n = [], [], 0
     was_training = net.training
     net.eval()
-    for images, targets, _, _ in loader:
+    goal, start = cfg.model.dnc.init_samples, time.perf_counter()
+    what = "pixels" if cfg.task == "segmentation" else "samples"
+    say = print if info.is_main else (lambda *a, **k: None)
+    say(f"k-means++ start: embedding up to {goal} training {what}", flush=True)
+    for step, (images, targets, _, _) in enumerate(loader, 1):
         if len(targets) == 0:
             continue
         z, y = net.embeddings(images.to(info.device), targets.to(info.device))
@@ -421,6 +426,9 @@ def init_centroids_from_data(cfg: Config, model: nn.Module, dataset, info: DistI
         n += len(y)
         if n >= cfg.model.dnc.init_samples:
             break
+        if step % 10 == 0:
+            say(f"k-means++ start: {n} {what} embedded ({time.perf_counter() - start:.0f} s)", flush=True)
     z, y = torch.cat(zs)[: cfg.model.dnc.init_samples], torch.cat(ys)[: cfg.model.dnc.init_samples]
     net.train(was_training)
     net.head_module().centroids.init_from_embeddings(z, y, generator=torch.Generator().manual_seed(cfg.train.seed))
+    say(f"k-means++ start: {len(y)} embeddings clustered ({time.perf_counter() - start:.0f} s)", flush=True)
