@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["SCORES", "default_score", "image_scores", "score_loader", "pixel_scores", "auroc", "threshold_at_tpr",
+__all__ = ["SCORES", "default_score", "subcentroid_energy", "knn_scores", "image_scores", "score_loader", "pixel_scores", "auroc", "threshold_at_tpr",
            "fpr_at_tpr", "list_images", "ImageList", "ood_report", "calibrate",
            "apply_threshold", "add_commands"]
 
@@ -45,6 +45,21 @@ def _head(net: nn.Module) -> nn.Module:
 def _logit_scores(logits: torch.Tensor) -> dict:
     logits = logits.float()
     return {"msp": logits.softmax(1).amax(1), "energy": logits.logsumexp(1)}
+
+
+def subcentroid_energy(sims: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``(N,)`` ``T * logsumexp`` over all C*K sub-centroid cosines ``sims (N, C, K)`` at ``T``: a soft
+    maximum that, unlike the max cosine, also rewards lying near several sub-centroids."""
+    return temperature * torch.logsumexp(sims.float().flatten(1) / temperature, 1)
+
+
+@torch.no_grad()
+def knn_scores(z: torch.Tensor, bank: torch.Tensor, k: int = 50, chunk: int = 1024) -> torch.Tensor:
+    """``(N,)`` cosine of each unit vector of ``z`` to its ``k``-th nearest unit vector of ``bank``
+    (Sun et al. 2022, KNN open-set score: the same order as minus the k-th neighbour's distance)."""
+    if not 0 < k <= len(bank):
+        raise ValueError(f"knn_scores: k={k} must be in [1, {len(bank)}] (the bank's size)")
+    return torch.cat([(part.float() @ bank.float().t()).topk(k, dim=1).values[:, -1] for part in z.split(chunk)])
 
 
 @torch.no_grad()
@@ -184,7 +199,8 @@ def _folder_loader(cfg, folder, device) -> DataLoader:
 def ood_report(cfg, model: nn.Module, val_loader, folders: Sequence[str], device: torch.device,
                tpr: float = 0.95) -> dict:
     """``dnc test --ood DIR...``: for each folder (images of no known class), and for each score of
-    the head, AUROC, FPR at ``tpr`` of the validation images, and that threshold.
+    the head, AUROC and FPR against the known images of ``val_loader`` (the split being tested), at the
+    threshold that keeps a fraction ``tpr`` of them, and that threshold.
 
     Returns ``{folder: {"images": n, kind: {"auroc", "fpr95", "threshold"}}}`` (``fpr95`` is the
     FPR at ``tpr``, 95% by default)."""
