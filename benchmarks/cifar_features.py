@@ -22,6 +22,7 @@ Finished steps are skipped (the protocol resumes).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -115,7 +116,15 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         for name, (config, extra) in models.items():
             run_dir = args.work_dir / f"{name}_seed{seed}"
-            if not (run_dir / "last.pt").is_file():
+            if (run_dir / "feats.pt").is_file():
+                continue
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:  # several copies of this script may share the work dir: one run each
+                os.close(os.open(run_dir / ".taken", os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                print(f"  {run_dir}: taken by another process, skipped", flush=True)
+                continue
+            if not (run_dir / "metrics.json").is_file():  # written when the training has finished
                 t = time.time()
                 run_dnc("train", config, "--work-dir", run_dir, *common, f"train.seed={seed}", *extra,
                         log=args.work_dir / "commands.log")

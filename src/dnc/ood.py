@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["SCORES", "default_score", "subcentroid_energy", "knn_scores", "image_scores", "score_loader", "pixel_scores", "auroc", "threshold_at_tpr",
+__all__ = ["SCORES", "default_score", "subcentroid_energy", "knn_scores", "image_scores", "score_loader",
+           "pixel_scores", "auroc", "threshold_at_tpr",
            "fpr_at_tpr", "list_images", "ImageList", "ood_report", "calibrate",
            "apply_threshold", "add_commands"]
 
