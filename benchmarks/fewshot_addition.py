@@ -34,8 +34,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 NUM_OLD, NUM_NEW = 6, 4
-LOGREG_C = (0.01, 0.1, 1.0)
-REFINE = ((30, 1e-3), (100, 1e-3), (30, 3e-3), (100, 3e-3))  # (steps, Adam lr), chosen on validation
+LOGREG_C = (0.1, 1.0)
+REFINE = ((50, 1e-3), (50, 3e-3))  # (steps, Adam lr), chosen on validation
+MEMORY_PER_CLASS = 100  # old-class memory of the refinement: this many training embeddings per class
 
 
 def load(run_dir: Path):
@@ -101,10 +102,11 @@ def run_seed(run_dirs: dict, shots: list, draws: int, seed: int) -> list:
             new_means = F.normalize(torch.stack([zs[ys == c].mean(0) for c in range(NUM_OLD, NUM_OLD + NUM_NEW)]), dim=-1)
             p_mean = torch.cat([p_old, new_means[:, None].expand(-1, p_old.shape[1], -1)])
             row["methods"]["extend mean-new"] = {s: accuracy(nearest(p_mean, ev[s][0]), ev[s][1]) for s in ev}
+            memory = torch.cat([torch.nonzero(yb == c).flatten()[:MEMORY_PER_CLASS] for c in range(NUM_OLD)])
             for start_name, start in (("extend", p_ext), ("extend mean-new", p_mean)):
                 for steps, lr in REFINE:
-                    p_ref = refine_subcentroids(start, torch.cat([zb, zs]), torch.cat([yb, ys]), head.temperature,
-                                                steps, lr)
+                    p_ref = refine_subcentroids(start, torch.cat([zb[memory], zs]), torch.cat([yb[memory], ys]),
+                                                head.temperature, steps, lr)
                     row["methods"][f"{start_name} refine @steps={steps},lr={lr}"] = {
                         s: accuracy(nearest(p_ref, ev[s][0]), ev[s][1]) for s in ev}
             # nearest class mean on the same embedding

@@ -45,7 +45,7 @@ def load_head(run_dir: Path):
 
 
 @torch.no_grad()
-def all_scores(head, feats: torch.Tensor, bank: torch.Tensor) -> tuple:
+def all_scores(head, feats: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor) -> tuple:
     """``(logits, {name: (N,)})`` of every score and setting on backbone features ``feats``."""
     f_unit, b_unit = F.normalize(feats, dim=-1), F.normalize(bank, dim=-1)
     out = {}
@@ -64,6 +64,16 @@ def all_scores(head, feats: torch.Tensor, bank: torch.Tensor) -> tuple:
         lognorm = feats.norm(dim=-1).log()
         for b in B_SWEEP:
             out[f"cos_norm b={b}"] = cos + b * lognorm
+            out[f"subenergy_norm T=0.1,b={b}"] = out["subenergy T=0.1"] + b * lognorm
+        # per-class calibration from the training images (the bank): each class's cosines standardised by
+        # the mean and spread of its own training images' cosines to it
+        bank_best = head.centroids.similarities(zb).float().amax(-1)          # (M, C)
+        yb = bank_labels
+        mu = torch.stack([bank_best[yb == c, c].mean() for c in range(bank_best.shape[1])])
+        sd = torch.stack([bank_best[yb == c, c].std() for c in range(bank_best.shape[1])])
+        class_cos = sims.amax(-1)
+        out["cos_classnorm"] = ((class_cos - mu) / sd).amax(1)
+        out["cos_classshift"] = (class_cos - mu).amax(1)
     else:
         logits = head(feats).float()
     out["msp"] = logits.softmax(1).amax(1)
@@ -81,12 +91,12 @@ def family(name: str) -> str:
 def evaluate(run_dir: Path) -> dict:
     data = torch.load(run_dir / "feats.pt")
     head = load_head(run_dir)
-    bank = data["bank"][0]
+    bank, bank_labels = data["bank"]
     res = {"scores": {}}
     for split in ("val", "test"):
         (fk, yk), (fu, _) = data[f"{split}_known"], data[f"{split}_unknown"]
-        logits, sk = all_scores(head, fk, bank)
-        _, su = all_scores(head, fu, bank)
+        logits, sk = all_scores(head, fk, bank, bank_labels)
+        _, su = all_scores(head, fu, bank, bank_labels)
         res[f"{split}_top1"] = round(100 * float((logits.argmax(1) == yk).double().mean()), 4)
         for name in sk:
             fpr, _ = fpr_at_tpr(sk[name], su[name])

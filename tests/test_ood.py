@@ -71,8 +71,8 @@ def test_test_ood_reports_auroc_fpr95_and_threshold_per_head(models, tmp_path):
                      "--out", str(out), *overrides(root)]) == 0
         results[name] = json.loads(out.read_text())
     dnc_ood = results["dnc"]["ood"][str(root / "unknown")]
-    assert dnc_ood["images"] == 80 and set(dnc_ood) == {"images", "cosine", "msp", "energy"}
-    assert set(results["linear"]["ood"][str(root / "unknown")]) == {"images", "msp", "energy"}
+    assert dnc_ood["images"] == 80 and set(dnc_ood) == {"images", "cosine", "subenergy", "msp", "maxlogit", "energy"}
+    assert set(results["linear"]["ood"][str(root / "unknown")]) == {"images", "msp", "maxlogit", "energy"}
     assert results["dnc"]["ood"][str(root / "new" / "9")]["images"] == 50
     for r in (results["dnc"], results["linear"]):
         for entry in r["ood"].values():

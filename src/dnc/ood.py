@@ -7,7 +7,7 @@ probability and the energy ``logsumexp(logits)``. Everything here treats a *high
 known", so one threshold rule serves every score:
 
 * :func:`image_scores` / :func:`score_loader`: ``{kind: (N,)}`` for a batch / a data loader
-  (``cosine`` for DNC heads; ``msp`` and ``energy`` for every head);
+  (``cosine`` and ``subenergy`` for DNC heads; ``msp``, ``maxlogit`` and ``energy`` for every head);
 * :func:`pixel_scores`: the per-pixel map of a segmenter (``cosine`` for DNC, ``msp`` for linear);
 * :func:`auroc`, :func:`threshold_at_tpr`, :func:`fpr_at_tpr`: metrics in torch, no scikit-learn;
 * :func:`ood_report`: what ``dnc test --ood DIR`` adds to its result;
@@ -32,7 +32,7 @@ __all__ = ["SCORES", "default_score", "subcentroid_energy", "knn_scores", "image
            "apply_threshold", "add_commands"]
 
 # The scores each head offers, the first being the default (higher = more like a known class).
-SCORES = {"dnc": ("cosine", "msp", "energy"), "linear": ("msp", "energy")}
+SCORES = {"dnc": ("cosine", "subenergy", "msp", "maxlogit", "energy"), "linear": ("msp", "maxlogit", "energy")}
 
 
 def default_score(head: str) -> str:
@@ -45,7 +45,7 @@ def _head(net: nn.Module) -> nn.Module:
 
 def _logit_scores(logits: torch.Tensor) -> dict:
     logits = logits.float()
-    return {"msp": logits.softmax(1).amax(1), "energy": logits.logsumexp(1)}
+    return {"msp": logits.softmax(1).amax(1), "maxlogit": logits.amax(1), "energy": logits.logsumexp(1)}
 
 
 def subcentroid_energy(sims: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -65,8 +65,9 @@ def knn_scores(z: torch.Tensor, bank: torch.Tensor, k: int = 50, chunk: int = 10
 
 @torch.no_grad()
 def image_scores(model: nn.Module, images: torch.Tensor) -> tuple:
-    """``(logits (N, C), {kind: (N,)})`` of a classifier: ``msp`` and ``energy`` of the logits and,
-    for a DNC head, ``cosine``, the max over classes and sub-centroids of ``<z, p(c, k)>``."""
+    """``(logits (N, C), {kind: (N,)})`` of a classifier: ``msp``, ``maxlogit`` and ``energy`` of the
+    logits and, for a DNC head, ``cosine``, the max over classes and sub-centroids of ``<z, p(c, k)>``,
+    and ``subenergy``, :func:`subcentroid_energy` of those cosines at the head's temperature."""
     head = _head(model)
     feats = model.features(images)
     if not hasattr(head, "centroids"):
@@ -75,7 +76,8 @@ def image_scores(model: nn.Module, images: torch.Tensor) -> tuple:
     sims = head.centroids.similarities(head.embed(feats)).float()  # (N, C, K)
     best = sims.amax(-1)
     logits = head.calibrate(best).float()
-    return logits, {"cosine": best.amax(1), **_logit_scores(logits)}
+    return logits, {"cosine": best.amax(1), "subenergy": subcentroid_energy(sims, head.temperature),
+                    **_logit_scores(logits)}
 
 
 @torch.no_grad()
@@ -299,7 +301,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("checkpoint", help="checkpoint to calibrate (dnc train or dnc explain)")
     p.add_argument("--out", required=True, metavar="CKPT2", help="the calibrated checkpoint to write")
     p.add_argument("--tpr", type=float, default=0.95, help="fraction of validation images kept (default 0.95)")
-    p.add_argument("--score", default=None, help="cosine (DNC, default), msp or energy (linear default: msp)")
+    p.add_argument("--score", default=None, help="DNC: cosine (default), subenergy, msp, maxlogit or energy; linear: msp "
+                   "(default), maxlogit or energy")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_calibrate)
