@@ -6,7 +6,7 @@
 Reads ``W/<model>_seed<S>/feats.pt`` (``cifar_features.py``: fp32 backbone features of one pass per
 model) and applies each model's own head to them. Known = the 6 trained classes, unknown = cat, frog,
 horse, ship. For every score and setting it computes AUROC and FPR at 95% TPR on the validation open set
-(3,000 held-out known / 2,000 unknown training-folder images) and on the test open set (the 5,000
+(1,800 held-out known / 1,200 unknown training-folder images) and on the test open set (the 5,000
 carved test images); the best setting of each family and the best score of each model are chosen on
 the validation mean over seeds only, and their test figures are reported.
 
