@@ -9,7 +9,7 @@ import yaml
 from dnc.cli import main
 from dnc.config import load_config, to_dict
 from dnc.engine import load_checkpoint, save_checkpoint
-from dnc.extend import JITTER_COS, fit_subcentroids
+from dnc.extend import JITTER_COS, fit_subcentroids, refine_subcentroids
 from dnc.tasks import build_model
 
 from openset_tiny import DNC_CFG, overrides, train, write_digits
@@ -144,13 +144,16 @@ def test_layernorm_calibration_and_memory_follow_the_classes(tmp_path):
     assert "optimizer" not in new
 
 
-def test_refit_old_places_old_classes_on_the_current_embedding(setup, tmp_path, capsys):
+def test_refit_old_places_old_classes_on_the_current_embedding(setup, tmp_path, capsys, monkeypatch):
     root, ckpt = setup
     out = tmp_path / "refit.pt"
     capsys.readouterr()
+    monkeypatch.setattr("dnc.extend.WARN_DROP", -101.0)  # any change warns: the advice after --refit-old
     assert main(["extend", DNC_CFG, str(ckpt), "--add", f"6={root / 'new' / '6'}", "--refit-old", "--val",
                  "--out", str(out), *overrides(root)]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("old classes"))
+    printed = capsys.readouterr()
+    assert "continue training: dnc train" in printed.err and "re-fit them with --refit-old" not in printed.err
+    line = next(x for x in printed.out.splitlines() if x.startswith("old classes"))
     before, after = (float(v) for v in line.split("top-1 ")[1].split("% after")[0].split("% before, "))
     old, new = load_checkpoint(ckpt), load_checkpoint(out)
     assert not torch.equal(new["model"][KEY][:6], old["model"][KEY])
@@ -212,3 +215,27 @@ def test_several_classes_added_and_removed_at_once_keep_their_own_subcentroids_a
     for name in "xyz":
         p2, p3 = p_new[classes2.index(name)], model3.state_dict()[KEY][classes3.index(name)]
         assert (p3 @ added[name].t()).amax(1).min() > 0.95 and (p2 @ added[name].t()).amax(1).min() > 0.95, name
+
+
+def test_refinement_moves_a_few_shot_class_off_the_images_of_an_old_one():
+    """A new class fitted to one image that lies among an old class's images wins them; the refinement
+    on frozen embeddings gives them back, keeps the new image, and leaves unit sub-centroids."""
+    g = torch.Generator().manual_seed(0)
+    axes = torch.eye(16)
+    old = F.normalize(axes[0] + 0.35 * torch.randn(200, 16, generator=g), dim=1)   # old class 0 around e0
+    other = F.normalize(axes[1] + 0.35 * torch.randn(200, 16, generator=g), dim=1)  # old class 1 around e1
+    shot = F.normalize(axes[0] + 0.8 * axes[2], dim=0)                              # new class 2: one image near class 0
+    p = torch.stack([F.normalize(axes[0] + 0.5 * axes[3], dim=0), axes[1], shot])[:, None]  # stale old class 0
+    z, y = torch.cat([old, other, shot[None]]), torch.cat([torch.zeros(200), torch.ones(200), torch.tensor([2.0])]).long()
+
+    def predict(q):
+        return torch.einsum("nd,ckd->nck", z, q).amax(-1).argmax(1)
+
+    before = predict(p)
+    q = refine_subcentroids(p, z, y, temperature=0.1, steps=100, lr=3e-3)
+    after = predict(q)
+    assert q.shape == p.shape
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(3, 1))
+    assert (before[:200] == 2).float().mean() > 0.1                      # the new class took old images,
+    assert (after[:200] == 0).float().mean() > (before[:200] == 0).float().mean() + 0.05  # fewer after
+    assert after[-1] == 2 and (after[200:400] == 1).float().mean() > 0.95

@@ -10,7 +10,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from dnc.cli import main
 from dnc.config import Config, from_dict, load_config, to_dict
 from dnc.engine import load_checkpoint, save_checkpoint
-from dnc.ood import apply_threshold, auroc, fpr_at_tpr, image_scores, pixel_scores, threshold_at_tpr
+from dnc.ood import (apply_threshold, auroc, fpr_at_tpr, image_scores, knn_scores, pixel_scores, subcentroid_energy,
+                     threshold_at_tpr)
 from dnc.tasks import build_model
 
 from openset_tiny import DNC_CFG, LINEAR_CFG, overrides, train, write_digits
@@ -83,8 +84,8 @@ def test_test_ood_reports_auroc_fpr95_and_threshold_per_head(models, tmp_path):
                      "--out", str(out), *overrides(root)]) == 0
         results[name] = json.loads(out.read_text())
     dnc_ood = results["dnc"]["ood"][str(root / "unknown")]
-    assert dnc_ood["images"] == 80 and set(dnc_ood) == {"images", "cosine", "msp", "energy"}
-    assert set(results["linear"]["ood"][str(root / "unknown")]) == {"images", "msp", "energy"}
+    assert dnc_ood["images"] == 80 and set(dnc_ood) == {"images", "cosine", "subenergy", "msp", "maxlogit", "energy"}
+    assert set(results["linear"]["ood"][str(root / "unknown")]) == {"images", "msp", "maxlogit", "energy"}
     assert results["dnc"]["ood"][str(root / "new" / "9")]["images"] == 50
     # every number is that of the fp32 scores of the same images, computed here with scikit-learn
     val = sorted(str(p) for p in (root / "known" / "val").rglob("*.png"))
@@ -204,3 +205,24 @@ def test_calibrate_test_ood_and_predict_give_the_same_score_for_the_same_image(m
     assert threshold_at_tpr(scores, 0.95) == pytest.approx(threshold, abs=1.5e-6)
     # every image: predict's score equals the fp32 image_scores of the calibrated model
     torch.testing.assert_close(scores, _fp32_scores(DNC_CFG, cal, root, val)["cosine"].double(), atol=1e-6, rtol=0)
+
+
+def test_knn_score_is_the_kth_neighbour_cosine():
+    g = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(300, 8, generator=g), dim=1)
+    z = torch.cat([bank[:5], torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)])
+    for k in (1, 7, 50):
+        want = (z @ bank.t()).sort(1, descending=True).values[:, k - 1]
+        torch.testing.assert_close(knn_scores(z, bank, k, chunk=16), want)
+    assert (knn_scores(z[:5], bank, 1) > 1 - 1e-6).all()  # a bank image is its own nearest neighbour
+    with pytest.raises(ValueError, match="k=301"):
+        knn_scores(z, bank, 301)
+
+
+def test_subcentroid_energy_is_a_soft_max_that_counts_nearby_subcentroids():
+    sims = torch.tensor([[[0.9, 0.1], [0.2, 0.0]],      # one close sub-centroid
+                         [[0.9, 0.85], [0.8, 0.0]]])    # the same max, more close ones
+    best = sims.flatten(1).amax(1)
+    torch.testing.assert_close(subcentroid_energy(sims, 1e-3), best, atol=1e-3, rtol=0)
+    e = subcentroid_energy(sims, 0.1)
+    assert (e >= best).all() and e[1] > e[0]

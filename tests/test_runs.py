@@ -59,7 +59,12 @@ def test_the_resume_hint_continues_the_run_that_was_started(tmp_path, capsys):
     config file's 60 steps, rewriting config.yaml."""
     work = tmp_path / "run"
     assert train(work, *SHORT, "train.stop_after=7") == 0
-    hint = capsys.readouterr().out.strip().splitlines()[-1].split("resume with: ", 1)[1]
+    out = capsys.readouterr().out.strip().splitlines()
+    # the k-means++ start says what it does before the first step (issue 20: it was silent for minutes)
+    assert out.index("k-means++ start: embedding up to 256 training samples") < next(
+        i for i, line in enumerate(out) if line.startswith("k-means++ start: 256 embeddings clustered (")) < next(
+        i for i, line in enumerate(out) if line.startswith("epoch 1 iter"))
+    hint = out[-1].split("resume with: ", 1)[1]
     argv = shlex.split(hint)
     assert argv[:2] == ["dnc", "train"] and "train.iters=20" in argv
     for _ in range(2):  # the same command with --resume: 7 more steps each time (train.stop_after=7), up to 20

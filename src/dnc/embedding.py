@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from contextlib import closing
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -43,17 +43,21 @@ def embed_batches(model: nn.Module, loader, device: torch.device) -> Iterator[tu
         net.train(was_training)
 
 
-def embed(model: nn.Module, loader, device: torch.device, limit: Optional[int] = None) -> tuple:
+def embed(model: nn.Module, loader, device: torch.device, limit: Optional[int] = None,
+          progress: Optional[Callable[[int], None]] = None) -> tuple:
     """``(z (N, D) fp32, labels (N,))`` of the samples of ``loader`` (:func:`embed_batches`), the first
-    ``limit`` only when given (the loader stops at the batch that reaches it)."""
+    ``limit`` only when given (the loader stops at the batch that reaches it); ``progress(n)`` is called
+    every 10 batches with the number of samples embedded so far."""
     zs, ys, n = [], [], 0
     with closing(embed_batches(model, loader, device)) as batches:
-        for z, y, _ in batches:
+        for step, (z, y, _) in enumerate(batches, 1):
             zs.append(z)
             ys.append(y)
             n += len(y)
             if limit is not None and n >= limit:
                 break
+            if progress is not None and step % 10 == 0:
+                progress(n)
     if not zs:
         raise ValueError("no readable sample to embed")
     return torch.cat(zs)[:limit], torch.cat(ys)[:limit]

@@ -47,7 +47,8 @@ from .embedding import embed, head_of
 from .files import check_output, write_atomic
 from .validate import check_class_names
 
-__all__ = ["JITTER_COS", "WARN_DROP", "fit_subcentroids", "embed_files", "extend_model", "run_extend"]
+__all__ = ["JITTER_COS", "WARN_DROP", "fit_subcentroids", "refine_subcentroids", "embed_files", "extend_model",
+           "run_extend"]
 
 JITTER_COS = 0.998
 WARN_DROP = 5.0
@@ -72,6 +73,28 @@ def fit_subcentroids(z: torch.Tensor, groups: torch.Tensor, num_groups: int, k: 
     sin = (1 - JITTER_COS ** 2) ** 0.5
     jittered = JITTER_COS * centers + sin * noise
     return F.normalize(torch.where(dup[..., None], jittered, centers), dim=-1)
+
+
+def refine_subcentroids(p: torch.Tensor, z: torch.Tensor, y: torch.Tensor, temperature: float, steps: int = 50,
+                        lr: float = 1e-3) -> torch.Tensor:
+    """A short refinement of the sub-centroids ``p (C, K, D)`` alone on frozen unit embeddings ``z (N, D)``
+    of labels ``y (N,)`` (the old classes' training images and the new classes' shots): ``steps`` of
+    Adam on the class-balanced cross-entropy of the head's logits ``max_k <z, p(c, k)> / temperature``,
+    every sub-centroid kept on the unit sphere. It places old and new classes by one rule on the same
+    embedding, against each other, so that a few-shot class takes only the region its images win."""
+    counts = torch.bincount(y, minlength=p.shape[0]).float()
+    weight = counts.sum() / (p.shape[0] * counts.clamp_min(1))
+    q = p.detach().float().clone().requires_grad_()
+    opt = torch.optim.Adam([q], lr=lr)
+    z = z.float()
+    with torch.enable_grad():
+        for _ in range(steps):
+            logits = torch.einsum("nd,ckd->nck", z, F.normalize(q, dim=-1)).amax(-1) / temperature
+            loss = F.cross_entropy(logits, y, weight=weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return F.normalize(q.detach(), dim=-1).to(p.dtype)
 
 
 def embed_files(cfg, model: nn.Module, files: Sequence[str], device: torch.device) -> torch.Tensor:

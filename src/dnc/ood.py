@@ -7,7 +7,7 @@ probability and the energy ``logsumexp(logits)``. Everything here treats a *high
 known", so one threshold rule serves every score:
 
 * :func:`image_scores` / :func:`score_loader`: ``{kind: (N,)}`` for a batch / a data loader
-  (``cosine`` for DNC heads; ``msp`` and ``energy`` for every head);
+  (``cosine`` and ``subenergy`` for DNC heads; ``msp``, ``maxlogit`` and ``energy`` for every head);
 * :func:`pixel_scores`: the per-pixel map of a segmenter (``cosine`` for DNC, ``msp`` for linear);
 * :func:`auroc`, :func:`threshold_at_tpr`, :func:`fpr_at_tpr`: metrics in torch, no scikit-learn;
 * :func:`ood_report`: what ``dnc test --ood DIR`` adds to its result;
@@ -29,11 +29,12 @@ from torch.utils.data import DataLoader
 from .embedding import head_of
 from .files import check_output
 
-__all__ = ["SCORES", "default_score", "image_scores", "score_loader", "pixel_outputs", "pixel_scores", "auroc",
-           "threshold_at_tpr", "fpr_at_tpr", "ood_report", "calibrate", "apply_threshold"]
+__all__ = ["SCORES", "default_score", "subcentroid_energy", "knn_scores", "image_scores", "score_loader",
+           "pixel_outputs", "pixel_scores", "auroc", "threshold_at_tpr", "fpr_at_tpr", "ood_report", "calibrate",
+           "apply_threshold"]
 
 # The scores each head offers, the first being the default (higher = more like a known class).
-SCORES = {"dnc": ("cosine", "msp", "energy"), "linear": ("msp", "energy")}
+SCORES = {"dnc": ("cosine", "subenergy", "msp", "maxlogit", "energy"), "linear": ("msp", "maxlogit", "energy")}
 
 
 def default_score(head: str) -> str:
@@ -42,13 +43,29 @@ def default_score(head: str) -> str:
 
 def _logit_scores(logits: torch.Tensor) -> dict:
     logits = logits.float()
-    return {"msp": logits.softmax(1).amax(1), "energy": logits.logsumexp(1)}
+    return {"msp": logits.softmax(1).amax(1), "maxlogit": logits.amax(1), "energy": logits.logsumexp(1)}
+
+
+def subcentroid_energy(sims: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``(N,)`` ``T * logsumexp`` over all C*K sub-centroid cosines ``sims (N, C, K)`` at ``T``: a soft
+    maximum that, unlike the max cosine, also rewards lying near several sub-centroids."""
+    return temperature * torch.logsumexp(sims.float().flatten(1) / temperature, 1)
+
+
+@torch.no_grad()
+def knn_scores(z: torch.Tensor, bank: torch.Tensor, k: int = 50, chunk: int = 1024) -> torch.Tensor:
+    """``(N,)`` cosine of each unit vector of ``z`` to its ``k``-th nearest unit vector of ``bank``
+    (Sun et al. 2022, KNN open-set score: the same order as minus the k-th neighbour's distance)."""
+    if not 0 < k <= len(bank):
+        raise ValueError(f"knn_scores: k={k} must be in [1, {len(bank)}] (the bank's size)")
+    return torch.cat([(part.float() @ bank.float().t()).topk(k, dim=1).values[:, -1] for part in z.split(chunk)])
 
 
 @torch.no_grad()
 def image_scores(model: nn.Module, images: torch.Tensor) -> tuple:
-    """``(logits (N, C), {kind: (N,)})`` of a classifier: ``msp`` and ``energy`` of the logits and,
-    for a DNC head, ``cosine``, the max over classes and sub-centroids of ``<z, p(c, k)>``."""
+    """``(logits (N, C), {kind: (N,)})`` of a classifier: ``msp``, ``maxlogit`` and ``energy`` of the
+    logits and, for a DNC head, ``cosine``, the max over classes and sub-centroids of ``<z, p(c, k)>``,
+    and ``subenergy``, :func:`subcentroid_energy` of those cosines at the head's temperature."""
     head = head_of(model)
     feats = model.features(images)
     if not hasattr(head, "centroids"):
@@ -57,7 +74,8 @@ def image_scores(model: nn.Module, images: torch.Tensor) -> tuple:
     sims = head.centroids.similarities(head.embed(feats)).float()  # (N, C, K)
     best = sims.amax(-1)
     logits = head.calibrate(best).float()
-    return logits, {"cosine": best.amax(1), **_logit_scores(logits)}
+    return logits, {"cosine": best.amax(1), "subenergy": subcentroid_energy(sims, head.temperature),
+                    **_logit_scores(logits)}
 
 
 @torch.no_grad()
@@ -158,7 +176,8 @@ def _folder_loader(cfg, folder, device) -> DataLoader:
 def ood_report(cfg, model: nn.Module, val_loader, folders: Sequence[str], device: torch.device,
                tpr: float = 0.95) -> dict:
     """``dnc test --ood DIR...``: for each folder (images of no known class), and for each score of
-    the head, AUROC, FPR at ``tpr`` of the validation images, and that threshold.
+    the head, AUROC and FPR against the known images of ``val_loader`` (the split being tested), at the
+    threshold that keeps a fraction ``tpr`` of them, and that threshold.
 
     Returns ``{folder: {"images": n, kind: {"auroc", "fpr95", "threshold"}}}`` (``fpr95`` is the
     FPR at ``tpr``, 95% by default)."""

@@ -6,7 +6,9 @@ module builds those pieces from a :class:`~dnc.config.Config`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -16,6 +18,8 @@ from torch import nn
 from .config import Config, ConfigError, load_config
 from .engine import DistInfo, make_loader
 from .runconfig import check_root, checkpoint_classes, checkpoint_config, resolve_num_classes, resolve_preprocessing
+
+log = logging.getLogger("dnc")
 
 __all__ = ["build_model", "build_cls_split", "build_datasets", "build_eval_split", "load_trained_model", "load_model",
            "normalization", "cls_transform", "preprocessing", "input_size", "eval_transform", "build_eval_loader",
@@ -315,5 +319,10 @@ def init_centroids_from_data(cfg: Config, model: nn.Module, dataset, info: DistI
         return
     loader = make_loader(dataset, cfg.data.batch_size, True, info, cfg.train.seed + 1, cfg.data.num_workers,
                          collate_fn(cfg), on_bad=cfg.data.on_bad_sample)
-    z, y = embed(model, loader, info.device, limit=cfg.model.dnc.init_samples)
+    goal, what, start = cfg.model.dnc.init_samples, ("pixels" if cfg.task == "segmentation" else "samples"), time.perf_counter()
+    say = log.info if info.is_main else (lambda message: None)
+    say(f"k-means++ start: embedding up to {goal} training {what}")
+    z, y = embed(model, loader, info.device, limit=goal,
+                 progress=lambda n: say(f"k-means++ start: {n} {what} embedded ({time.perf_counter() - start:.0f} s)"))
     head_of(model).centroids.init_from_embeddings(z, y, generator=torch.Generator().manual_seed(cfg.train.seed))
+    say(f"k-means++ start: {len(y)} embeddings clustered ({time.perf_counter() - start:.0f} s)")

@@ -52,8 +52,10 @@ def run(args) -> dict:
         print(line + (f", to the nearest new class {v['cos_new']:.3f}" if "cos_new" in v else ""), flush=True)
         drop = v["top1_before"] - v["top1_after"]
         if drop > WARN_DROP:
-            print(f"dnc: warning: adding classes costs the old classes {drop:.1f} points: their images lie closer to "
-                  "the new sub-centroids than to their own (stale sub-centroids of an under-trained embedding?); "
-                  f"re-fit them with --refit-old, or continue training: dnc train {s['config']} --resume {args.out} "
-                  "train.iters=...", file=sys.stderr, flush=True)
+            why = ("the old classes were re-fitted (--refit-old), so the new classes themselves overlap them on this "
+                   "embedding; " if args.refit_old else
+                   "their images lie closer to the new sub-centroids than to their own (stale sub-centroids of an "
+                   "under-trained embedding?); re-fit them with --refit-old, or ")
+            print(f"dnc: warning: adding classes costs the old classes {drop:.1f} points: {why}continue training: "
+                  f"dnc train {s['config']} --resume {args.out} train.iters=...", file=sys.stderr, flush=True)
     return s
