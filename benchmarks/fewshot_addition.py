@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json  # noqa: E402  (also puts this checkout's dnc first on the path)
 
 NUM_OLD, NUM_NEW = 6, 4
 LOGREG_C = (0.1, 1.0)
@@ -176,8 +177,7 @@ def main(argv=None) -> dict:
                   f"{r['test_all_sd']:.2f} | {r['test_old_to_new']:.2f} |")
     full = {"seeds": args.seeds, "draws": args.draws, "summary": summary, "rows": rows}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(full, indent=1) + "\n")
+        write_json(args.out, full)
     return full
 
 

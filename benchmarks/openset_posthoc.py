@@ -20,7 +20,6 @@ b * log of the backbone feature norm, which the DNC head's normalisation discard
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -28,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json  # noqa: E402  (also puts this checkout's dnc first on the path)
 from dnc.ood import auroc, fpr_at_tpr, knn_scores, subcentroid_energy  # noqa: E402
 
 K_SWEEP = (1, 5, 10, 20, 50, 100, 200)
@@ -155,8 +155,7 @@ def main(argv=None) -> dict:
                   f"{r['test_auroc'][0]:.2f} ± {r['test_auroc'][1]:.2f} | {r['test_fpr95'][0]:.2f} ± {r['test_fpr95'][1]:.2f} |")
     full = {"seeds": args.seeds, "summary": summary, "per_run": results}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(full, indent=1) + "\n")
+        write_json(args.out, full)
     return full
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import write_json  # noqa: E402  (also puts this checkout's dnc first on the path)
 from evidence_data import cifar as carve_cifar  # noqa: E402
 from openset import CIFAR10  # noqa: E402
 
@@ -130,8 +130,7 @@ def main(argv=None) -> dict:
     out = {"seeds": args.seeds, "train_per_class": args.train_per_class, "test_per_class": args.test_per_class,
            "summary": summary, "runs": runs}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        write_json(args.out, out)
     return out
 
 
