@@ -313,16 +313,18 @@ def build_eval_loader(cfg: Config, dataset, info: DistInfo):
 @torch.no_grad()
 def init_centroids_from_data(cfg: Config, model: nn.Module, dataset, info: DistInfo) -> None:
     """``model.dnc.init = kmeans++``: cluster embeddings of up to ``init_samples`` training samples
-    (pixels for segmentation), computed by the freshly built network, to place the sub-centroids."""
+    (pixels for segmentation), computed by the freshly built network, to place the sub-centroids. Under
+    DDP each process embeds its share, ``ceil(init_samples / world)``, and the start clusters them all."""
     from .embedding import embed, head_of
     if cfg.model.head != "dnc" or cfg.model.dnc.init != "kmeans++":
         return
     loader = make_loader(dataset, cfg.data.batch_size, True, info, cfg.train.seed + 1, cfg.data.num_workers,
                          collate_fn(cfg), on_bad=cfg.data.on_bad_sample)
-    goal, what, start = cfg.model.dnc.init_samples, ("pixels" if cfg.task == "segmentation" else "samples"), time.perf_counter()
+    share = -(-cfg.model.dnc.init_samples // info.world)  # this process's part of the start set
+    what, start = ("pixels" if cfg.task == "segmentation" else "samples"), time.perf_counter()
     say = log.info if info.is_main else (lambda message: None)
-    say(f"k-means++ start: embedding up to {goal} training {what}")
-    z, y = embed(model, loader, info.device, limit=goal,
+    say(f"k-means++ start: embedding up to {cfg.model.dnc.init_samples} training {what}")
+    z, y = embed(model, loader, info.device, limit=share,
                  progress=lambda n: say(f"k-means++ start: {n} {what} embedded ({time.perf_counter() - start:.0f} s)"))
     head_of(model).centroids.init_from_embeddings(z, y, generator=torch.Generator().manual_seed(cfg.train.seed))
     say(f"k-means++ start: {len(y)} embeddings clustered ({time.perf_counter() - start:.0f} s)")
