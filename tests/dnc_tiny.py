@@ -10,6 +10,7 @@ a resume still sees samples pushed before the stop.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,6 +70,29 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 
 
 PYTHON = sys.executable
+
+
+def torchrun_cmd(*args: str) -> list:
+    """``torchrun`` (this environment's) starting two processes on this machine, then ``args``."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return [str(torchrun) if torchrun.is_file() else shutil.which("torchrun"), "--nnodes", "1", "--nproc_per_node",
+            "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *map(str, args)]
+
+
+def run_torchrun(*args: str, timeout: float, env=None) -> tuple:
+    """Run :func:`torchrun_cmd` in a session of its own, so that a hang (a collective one process never
+    reaches) is ended whole after ``timeout`` s, failing the test; checks it exits 0; ``(stdout, stderr)``."""
+    import pytest
+    proc = subprocess.Popen(torchrun_cmd(*args), env=env or subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout:g} s:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
+    return stdout, stderr
 
 
 def one_thread():

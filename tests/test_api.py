@@ -3,9 +3,6 @@ in a plain loop and under DistributedDataParallel (two CPU processes)."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,7 @@ import torch
 
 import dnc
 from dnc.models.classifier import Classifier
-from dnc_tiny import free_port, one_thread, subprocess_env
+from dnc_tiny import one_thread, run_torchrun, subprocess_env
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -90,20 +87,9 @@ def test_replace_head_turns_a_timm_classifier_into_a_dnc_one():
 
 
 def test_create_model_under_ddp_trains_identically_on_two_processes(tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(Path(__file__).with_name("api_ddp_runner.py")), str(tmp_path)]
     env = subprocess_env()
     env["PYTHONPATH"] = str(Path(__file__).parent) + os.pathsep + env["PYTHONPATH"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 240 s:\n{stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun(Path(__file__).with_name("api_ddp_runner.py"), tmp_path, timeout=240, env=env)
     a, b = (torch.load(tmp_path / f"api_rank{r}.pt", weights_only=True) for r in (0, 1))
     own = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm statistics: each process its own
     differ = [k for k, v in a["model"].items() if not k.endswith(own) and not torch.equal(v, b["model"][k])]

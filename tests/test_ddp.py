@@ -7,11 +7,6 @@ outputs against single-process computations made here.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +15,8 @@ import torch
 from ddp_runner import SCENARIOS, make_subcentroids, scenario_batches
 from dnc.cli import EXIT_STOPPED, main
 from dnc.engine import load_checkpoint
-from dnc_tiny import (CONFIG, NUM_VAL, TINY, assert_same_training_state, free_port, one_thread,
-                      sigterm_group_once_training, subprocess_env)
+from dnc_tiny import (CONFIG, NUM_VAL, TINY, assert_same_training_state, one_thread, run_torchrun,
+                      sigterm_group_once_training, torchrun_cmd)
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 # torchrun: the module's launch (its own limit: 300 s) runs in the first test's setup
@@ -30,11 +25,6 @@ pytestmark = pytest.mark.timeout(480)
 STOP = 37  # mid-epoch
 SIGTERM_AT = 7  # process 1 alone receives SIGTERM during step 7, far from a log step (every 50)
 MEMORY = ("memory_z", "memory_y", "memory_ok")
-
-
-def _torchrun() -> str:
-    torchrun = Path(sys.executable).with_name("torchrun")  # the one of this environment
-    return str(torchrun) if torchrun.is_file() else shutil.which("torchrun")
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +44,7 @@ def ddp(tmp_path_factory) -> Path:
         {"tag": "nan", "argv": [*train, "--work-dir", str(out / "nan"), "train.iters=10"], "nan": [1, 5], "expect": 1},
     ]
     (out / "spec.json").write_text(json.dumps(spec))
-    cmd = [_torchrun(), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(Path(__file__).with_name("ddp_runner.py")), str(out), str(out / "spec.json")]
-    # In a session of its own, so that a hang (a collective one process never reaches) is ended whole.
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 300 s:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
+    stdout, stderr = run_torchrun(Path(__file__).with_name("ddp_runner.py"), out, out / "spec.json", timeout=300)
     for step in spec:
         expect = str(step.get("expect", 0))
         assert [(out / f"{step['tag']}_rank{r}.rc").read_text() for r in (0, 1)] == [expect, expect], step["tag"]
@@ -171,9 +150,8 @@ def test_sigterm_to_torchrun_and_all_its_processes_saves_the_run(tmp_path):
     forwards it once more, its workers and their DataLoader workers). Before the fix the DataLoader
     workers died, and the workers with them, without a checkpoint."""
     work = tmp_path / "run"
-    cmd = [_torchrun(), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(free_port()), "-m", "dnc", "train", CONFIG, "--work-dir", str(work), *TINY, "train.iters=3000",
-           "train.log_interval=2", "data.num_workers=1"]
+    cmd = torchrun_cmd("-m", "dnc", "train", CONFIG, "--work-dir", work, *TINY, "train.iters=3000",
+                       "train.log_interval=2", "data.num_workers=1")
     _, out, err = sigterm_group_once_training(cmd, work, start_timeout=240)
     assert "DataLoader worker" not in err and "dnc: error" not in err, err[-3000:]
     stop = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()][-1]

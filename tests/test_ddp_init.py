@@ -2,9 +2,6 @@
 "Initialisation"): two CPU processes (gloo) under torchrun, class 3 on process 1 only."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,8 +9,7 @@ import torch
 
 from ddp_init_runner import C, D, K, shards
 from dnc.centroids import SubCentroids
-from dnc_tiny import free_port, one_thread, subprocess_env
-from test_ddp import _torchrun
+from dnc_tiny import one_thread, run_torchrun
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 pytestmark = pytest.mark.timeout(240)  # torchrun, two processes (its own limit: 120 s)
@@ -22,17 +18,7 @@ pytestmark = pytest.mark.timeout(240)  # torchrun, two processes (its own limit:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list:
     out = tmp_path_factory.mktemp("ddp_init")
-    cmd = [_torchrun(), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(free_port()), str(Path(__file__).with_name("ddp_init_runner.py")), str(out)]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # a session of its own: a hang is ended whole
-    try:
-        _, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 120 s:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
+    run_torchrun(Path(__file__).with_name("ddp_init_runner.py"), out, timeout=120)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 

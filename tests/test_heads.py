@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from dnc.config import DNCConfig
 from dnc.heads import DNCHead, PixelHead, build_head
-from dnc_tiny import free_port, subprocess_env
+from dnc_tiny import run_torchrun
 
 
 def trained_head(**kw) -> DNCHead:
@@ -127,17 +123,7 @@ def test_pixel_head_with_cap_and_aux_losses():
 def test_ddp_default_broadcast_buffers_with_a_memory_is_an_error(tmp_path):
     """Two CPU processes (gloo): with ``broadcast_buffers=True`` both stop with one clear error naming
     the fix; with ``broadcast_buffers=False`` each keeps its own memory shard."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(Path(__file__).with_name("ddp_buffers_runner.py")), str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("torchrun did not finish in 120 s")
-    assert proc.returncode == 0, stderr[-3000:]
+    run_torchrun(Path(__file__).with_name("ddp_buffers_runner.py"), tmp_path, timeout=120)
     for rank in (0, 1):
         res = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "broadcast_buffers=False" in res["True"]["result"], res

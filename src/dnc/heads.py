@@ -59,7 +59,8 @@ class DNCHead(nn.Module):
     own, call it as ``logits, losses = head(x, target)`` (``losses``: the weighted auxiliary losses,
     to add to your cross-entropy on ``logits``); ``head(x)`` in training mode returns logits and moves
     nothing (it warns once). In eval mode ``head(x, target)`` returns ``(logits, {})`` and moves nothing.
-    Labels are in ``[0, C)``; -1 marks a sample that takes no part in the clustering (an ignored pixel). Under ``DistributedDataParallel`` with a memory, wrap the model with
+    Labels are in ``[0, C)``; -1 marks a sample that takes no part in the clustering (an ignored pixel).
+    Under ``DistributedDataParallel`` with a memory, wrap the model with
     ``broadcast_buffers=False`` (each process keeps its own memory shard; checked at the second step).
 
     Args:
