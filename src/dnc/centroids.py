@@ -33,7 +33,6 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
-@torch.no_grad()
 def sinkhorn_assign(scores: torch.Tensor, groups: torch.Tensor, num_groups: int,
                     eps: float = 0.05, iters: int = 3) -> torch.Tensor:
     """Balanced hard assignment of every sample to one of the K sub-centroids of its group.
@@ -54,28 +53,28 @@ def sinkhorn_assign(scores: torch.Tensor, groups: torch.Tensor, num_groups: int,
     Returns:
         ``(N,)`` int64 index of the assigned sub-centroid.
     """
-    k = scores.shape[1]
-    # In log space, so that no entry under- or overflows whatever eps and the scores (with
-    # Q = exp(x), a small eps sends whole columns, e.g. an unused sub-centroid's, below e^-88, where
-    # they lose their order). The constant factors 1/K and 1/N_c of the marginals cancel in the next
-    # normalisation and do not change the argmax, so each step simply equalises the sums. In place
-    # where possible: every pass over the (N, K) scores counts.
-    x = scores.float() / eps
-    index = groups[:, None].expand(-1, k)
-    for it in range(iters):
-        # Sub-centroid step: x -= log(sum of exp(x) over the group's samples), stabilised by the max.
-        top = _all_reduce(x.new_full((num_groups, k), float("-inf")).scatter_reduce(0, index, x, "amax"),
-                          dist.ReduceOp.MAX if _world_size() > 1 else None)
-        top = torch.where(torch.isfinite(top), top, 0.0)  # groups without samples
-        mass = _all_reduce(x.new_zeros(num_groups, k).index_add_(0, groups, (x - top[groups]).exp_()))
-        x -= (top + mass.log())[groups]
-        # Sample step: every sample's mass is equalised. The last one would not change the argmax.
-        if it < iters - 1:
-            x -= x.logsumexp(1, keepdim=True)
-    return x.argmax(1)
+    with torch.no_grad():
+        k = scores.shape[1]
+        # In log space, so that no entry under- or overflows whatever eps and the scores (with
+        # Q = exp(x), a small eps sends whole columns, e.g. an unused sub-centroid's, below e^-88, where
+        # they lose their order). The constant factors 1/K and 1/N_c of the marginals cancel in the next
+        # normalisation and do not change the argmax, so each step simply equalises the sums. In place
+        # where possible: every pass over the (N, K) scores counts.
+        x = scores.float() / eps
+        index = groups[:, None].expand(-1, k)
+        for it in range(iters):
+            # Sub-centroid step: x -= log(sum of exp(x) over the group's samples), stabilised by the max.
+            top = _all_reduce(x.new_full((num_groups, k), float("-inf")).scatter_reduce(0, index, x, "amax"),
+                              dist.ReduceOp.MAX if _world_size() > 1 else None)
+            top = torch.where(torch.isfinite(top), top, 0.0)  # groups without samples
+            mass = _all_reduce(x.new_zeros(num_groups, k).index_add_(0, groups, (x - top[groups]).exp_()))
+            x -= (top + mass.log())[groups]
+            # Sample step: every sample's mass is equalised. The last one would not change the argmax.
+            if it < iters - 1:
+                x -= x.logsumexp(1, keepdim=True)
+        return x.argmax(1)
 
 
-@torch.no_grad()
 def kmeans_pp(x: torch.Tensor, groups: torch.Tensor, num_groups: int, k: int, iters: int = 10,
               generator: Optional[torch.Generator] = None, budget: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
     """Spherical k-means with k-means++ seeding, for every group.
@@ -95,28 +94,29 @@ def kmeans_pp(x: torch.Tensor, groups: torch.Tensor, num_groups: int, k: int, it
         ``(centers (num_groups, k, D), found (num_groups,) bool)``; ``found`` is False for groups
         without samples, whose centers are zero.
     """
-    n, d = x.shape
-    dev = x.device
-    counts = torch.bincount(groups, minlength=num_groups)
-    keys = torch.empty(k, n).exponential_(generator=generator).to(dev)  # one key per sample and seeding step
-    order = torch.argsort(groups, stable=True)
-    start = (torch.cumsum(counts, 0) - counts).tolist()
-    sizes = counts.tolist()
-    centers = x.new_zeros(num_groups, k, d)
-    chunk: list = []
-    for g in sorted(range(num_groups), key=lambda g: -sizes[g]) + [None]:  # largest first, None flushes
-        if chunk and (g is None or not sizes[g] or (len(chunk) + 1) * sizes[chunk[0]] * d > budget):
-            idx = torch.tensor(chunk, device=dev)
-            width = sizes[chunk[0]]
-            rank = torch.arange(width, device=dev)
-            valid = rank < counts[idx, None]
-            rows = order[(torch.tensor([start[c] for c in chunk], device=dev)[:, None] + rank).clamp(max=n - 1)]
-            centers[idx] = _kmeans_padded(x[rows].float() * valid[..., None], valid, keys[:, rows], iters)
-            chunk = []
-        if g is None or not sizes[g]:
-            break
-        chunk.append(g)
-    return F.normalize(centers, dim=-1), counts > 0
+    with torch.no_grad():
+        n, d = x.shape
+        dev = x.device
+        counts = torch.bincount(groups, minlength=num_groups)
+        keys = torch.empty(k, n).exponential_(generator=generator).to(dev)  # one key per sample and seeding step
+        order = torch.argsort(groups, stable=True)
+        start = (torch.cumsum(counts, 0) - counts).tolist()
+        sizes = counts.tolist()
+        centers = x.new_zeros(num_groups, k, d)
+        chunk: list = []
+        for g in sorted(range(num_groups), key=lambda g: -sizes[g]) + [None]:  # largest first, None flushes
+            if chunk and (g is None or not sizes[g] or (len(chunk) + 1) * sizes[chunk[0]] * d > budget):
+                idx = torch.tensor(chunk, device=dev)
+                width = sizes[chunk[0]]
+                rank = torch.arange(width, device=dev)
+                valid = rank < counts[idx, None]
+                rows = order[(torch.tensor([start[c] for c in chunk], device=dev)[:, None] + rank).clamp(max=n - 1)]
+                centers[idx] = _kmeans_padded(x[rows].float() * valid[..., None], valid, keys[:, rows], iters)
+                chunk = []
+            if g is None or not sizes[g]:
+                break
+            chunk.append(g)
+        return F.normalize(centers, dim=-1), counts > 0
 
 
 def _kmeans_padded(pts: torch.Tensor, valid: torch.Tensor, keys: torch.Tensor, iters: int) -> torch.Tensor:
@@ -263,7 +263,6 @@ class SubCentroids(nn.Module):
             out[i:i + step] = gathered.mul_(zc.float()[:, None]).sum(-1)
         return out
 
-    @torch.no_grad()
     def update(self, z: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor,
                sims: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """One training step of the clustering (no gradient).
@@ -279,7 +278,8 @@ class SubCentroids(nn.Module):
             ``(N,)`` sub-centroid index assigned to each sample of the step, -1 where it took no part;
             ``None`` when the step clustered the memory or did not cluster at all.
         """
-        with torch.autocast(z.device.type, enabled=False):  # the clustering is fp32 whatever the caller's autocast
+        # the clustering is fp32 whatever the caller's autocast
+        with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
             return self._update(z, labels, correct, sims)
 
     def _update(self, z: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor,
@@ -381,7 +381,6 @@ class SubCentroids(nn.Module):
         self.memory_ok.index_copy_(0, idx, correct.bool())
         self.memory_ptr.copy_((self.memory_ptr + n) % self.memory_size)
 
-    @torch.no_grad()
     def init_from_embeddings(self, z: torch.Tensor, labels: torch.Tensor, iters: int = 10,
                              generator: Optional[torch.Generator] = None) -> None:
         """Data-driven initialisation: k-means++ then spherical k-means on each class's embeddings.
@@ -391,16 +390,17 @@ class SubCentroids(nn.Module):
         set (in rank order, with the same ``generator``), and process 0's result is broadcast so that
         all processes start bit-identical.
         """
-        c = self.num_classes
-        if _world_size() > 1:
-            z, labels = _gather_rows(z.float(), labels.long())
-        groups = torch.where((labels >= 0) & (labels < c), labels, c)
-        centers, found = kmeans_pp(F.normalize(z.float(), dim=-1), groups, c + 1, self.k, iters, generator)
-        found = found[:c, None, None]
-        new = torch.where(found, centers[:c].to(self.centroids), self.centroids)
-        if _world_size() > 1:
-            dist.broadcast(new, 0)
-        self.centroids = new
+        with torch.no_grad():
+            c = self.num_classes
+            if _world_size() > 1:
+                z, labels = _gather_rows(z.float(), labels.long())
+            groups = torch.where((labels >= 0) & (labels < c), labels, c)
+            centers, found = kmeans_pp(F.normalize(z.float(), dim=-1), groups, c + 1, self.k, iters, generator)
+            found = found[:c, None, None]
+            new = torch.where(found, centers[:c].to(self.centroids), self.centroids)
+            if _world_size() > 1:
+                dist.broadcast(new, 0)
+            self.centroids = new
 
 
 def _gather_rows(*tensors: torch.Tensor) -> list:

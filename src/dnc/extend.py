@@ -54,13 +54,12 @@ JITTER_COS = 0.998
 WARN_DROP = 5.0
 
 
-@torch.no_grad()
 def fit_subcentroids(z: torch.Tensor, groups: torch.Tensor, num_groups: int, k: int, iters: int = 10,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``(num_groups, K, D)`` distinct unit sub-centroids of every group at once: k-means++ and
     spherical k-means on the unit embeddings ``z (N, D)`` of group ``groups (N,)``, then every
     duplicate of an earlier sub-centroid of its group replaced by a jittered copy (see the module
-    docstring). Every group must have at least one sample."""
+    docstring). Every group must have at least one sample. Without gradients (:func:`kmeans_pp`)."""
     counts = torch.bincount(groups, minlength=num_groups)
     if (counts == 0).any():
         raise ValueError(f"group {int((counts == 0).nonzero()[0])} has no embedding")

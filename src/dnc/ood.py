@@ -52,36 +52,35 @@ def subcentroid_energy(sims: torch.Tensor, temperature: float) -> torch.Tensor:
     return temperature * torch.logsumexp(sims.float().flatten(1) / temperature, 1)
 
 
-@torch.no_grad()
 def knn_scores(z: torch.Tensor, bank: torch.Tensor, k: int = 50, chunk: int = 1024) -> torch.Tensor:
     """``(N,)`` cosine of each unit vector of ``z`` to its ``k``-th nearest unit vector of ``bank``
     (Sun et al. 2022, KNN open-set score: the same order as minus the k-th neighbour's distance)."""
     if not 0 < k <= len(bank):
         raise ValueError(f"knn_scores: k={k} must be in [1, {len(bank)}] (the bank's size)")
-    return torch.cat([(part.float() @ bank.float().t()).topk(k, dim=1).values[:, -1] for part in z.split(chunk)])
+    with torch.no_grad():
+        return torch.cat([(part.float() @ bank.float().t()).topk(k, dim=1).values[:, -1] for part in z.split(chunk)])
 
 
-@torch.no_grad()
 def image_scores(model: nn.Module, images: torch.Tensor) -> tuple:
     """``(logits (N, C), {kind: (N,)})`` of a classifier: ``msp``, ``maxlogit`` and ``energy`` of the
     logits and, for a DNC head, ``cosine``, the max over classes and sub-centroids of ``<z, p(c, k)>``,
     and ``subenergy``, :func:`subcentroid_energy` of those cosines at the head's temperature."""
-    head = head_of(model)
-    feats = model.features(images)
-    if not hasattr(head, "centroids"):
-        logits = head(feats).float()
-        return logits, _logit_scores(logits)
-    sims = head.centroids.similarities(head.embed(feats)).float()  # (N, C, K)
-    best = sims.amax(-1)
-    logits = head.calibrate(best).float()
-    return logits, {"cosine": best.amax(1), "subenergy": subcentroid_energy(sims, head.temperature),
-                    **_logit_scores(logits)}
+    with torch.no_grad():
+        head = head_of(model)
+        feats = model.features(images)
+        if not hasattr(head, "centroids"):
+            logits = head(feats).float()
+            return logits, _logit_scores(logits)
+        sims = head.centroids.similarities(head.embed(feats)).float()  # (N, C, K)
+        best = sims.amax(-1)
+        logits = head.calibrate(best).float()
+        return logits, {"cosine": best.amax(1), "subenergy": subcentroid_energy(sims, head.temperature),
+                        **_logit_scores(logits)}
 
 
-@torch.no_grad()
 def score_loader(model: nn.Module, loader, device: torch.device) -> tuple:
     """Scores of every sample of a classification loader: ``({kind: (N,)}, labels (N,), preds (N,))``
-    on the CPU, in loader order; in fp32 like ``dnc predict`` (:func:`image_scores`)."""
+    on the CPU, in loader order; in fp32 like ``dnc predict`` (:func:`image_scores`, without gradients)."""
     model.eval()
     parts, labels, preds = {}, [], []
     for images, targets, *_ in loader:
@@ -98,22 +97,23 @@ def score_loader(model: nn.Module, loader, device: torch.device) -> tuple:
     return {k: torch.cat(v) for k, v in parts.items()}, torch.cat(labels), torch.cat(preds)
 
 
-@torch.no_grad()
 def pixel_outputs(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]) -> tuple:
     """``(logits (B, C, h, w), labels (B, H, W), score (B, H, W))`` of a segmenter from one forward:
     the logits at the decoder's resolution, and at ``out_size`` the class of every pixel (argmax of the
     logits upsampled bilinearly) and its :func:`pixel_scores`."""
-    pixel_head = model.head
-    head = pixel_head.head
-    x = model.decoder(model.encoder(images))
-    b, d, h, w = x.shape
-    logits = pixel_head(x).float()
-    up = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
-    if not hasattr(head, "centroids"):
-        return logits, up.argmax(1), up.softmax(1).amax(1)
-    z = head.embed(x.permute(0, 2, 3, 1).reshape(-1, d))
-    score = head.centroids.similarities(z).float().flatten(1).amax(1).view(b, 1, h, w)
-    return logits, up.argmax(1), F.interpolate(score, size=tuple(out_size), mode="bilinear", align_corners=False)[:, 0]
+    with torch.no_grad():
+        pixel_head = model.head
+        head = pixel_head.head
+        x = model.decoder(model.encoder(images))
+        b, d, h, w = x.shape
+        logits = pixel_head(x).float()
+        up = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        if not hasattr(head, "centroids"):
+            return logits, up.argmax(1), up.softmax(1).amax(1)
+        z = head.embed(x.permute(0, 2, 3, 1).reshape(-1, d))
+        score = head.centroids.similarities(z).float().flatten(1).amax(1).view(b, 1, h, w)
+        score = F.interpolate(score, size=tuple(out_size), mode="bilinear", align_corners=False)[:, 0]
+        return logits, up.argmax(1), score
 
 
 def pixel_scores(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
