@@ -53,6 +53,7 @@ def setup(tmp_path_factory):
     return root, ckpt
 
 
+@pytest.mark.end_to_end
 def test_add_two_classes_one_from_a_single_image(setup, tmp_path, capsys):
     root, ckpt = setup
     out = tmp_path / "ext.pt"
@@ -94,6 +95,7 @@ def test_add_two_classes_one_from_a_single_image(setup, tmp_path, capsys):
     assert resumed["classes"] == load_checkpoint(out)["classes"] and (work / "metrics.json").is_file()
 
 
+@pytest.mark.end_to_end
 def test_remove_drops_the_class_and_keeps_the_others(setup, tmp_path):
     root, ckpt = setup
     out = tmp_path / "less.pt"
@@ -104,6 +106,7 @@ def test_remove_drops_the_class_and_keeps_the_others(setup, tmp_path):
     assert main(["predict", str(out), str(next((root / "known" / "val" / "5").glob("*.png")))]) == 0
 
 
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("args,message", [
     (["--add", "3={new6}"], "--add 3: class '3' exists already"),
     (["--remove", "cat"], "--remove cat: no class 'cat'"),
@@ -144,6 +147,7 @@ def test_layernorm_calibration_and_memory_follow_the_classes(tmp_path):
     assert "optimizer" not in new
 
 
+@pytest.mark.end_to_end
 def test_refit_old_places_old_classes_on_the_current_embedding(setup, tmp_path, capsys, monkeypatch):
     root, ckpt = setup
     out = tmp_path / "refit.pt"

@@ -75,6 +75,7 @@ def models(tmp_path_factory):
     return root, train(DNC_CFG, work / "dnc", root), train(LINEAR_CFG, work / "linear", root)
 
 
+@pytest.mark.end_to_end
 def test_test_ood_reports_auroc_fpr95_and_threshold_per_head(models, tmp_path):
     root, dnc, linear = models
     results = {}
@@ -106,6 +107,7 @@ def test_test_ood_reports_auroc_fpr95_and_threshold_per_head(models, tmp_path):
     assert results["dnc"]["top1"] > 80     # the model is trained, and the accuracy is still reported
 
 
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("make", ["missing", "empty"])
 def test_test_ood_rejects_a_missing_or_empty_folder(models, tmp_path, capsys, make):
     root, dnc, _ = models
@@ -121,6 +123,7 @@ def test_test_ood_rejects_a_missing_or_empty_folder(models, tmp_path, capsys, ma
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.end_to_end
 def test_calibrate_then_predict_says_unknown_below_the_threshold(models, tmp_path, capsys):
     root, dnc, _ = models
     cal = tmp_path / "cal.pt"
@@ -150,6 +153,7 @@ def test_calibrate_then_predict_says_unknown_below_the_threshold(models, tmp_pat
     assert apply_threshold({"cosine": torch.tensor([0.3])}, {}) is None
 
 
+@pytest.mark.end_to_end
 def test_calibrate_refuses_to_overwrite_its_input_and_a_bad_score(models, capsys):
     root, dnc, _ = models
     before = dnc.read_bytes()
@@ -182,6 +186,7 @@ def test_segmenter_score_map_and_predict_writes_it(tmp_path):
         assert img.mode == "L" and img.size == (52, 40)
 
 
+@pytest.mark.end_to_end
 def test_calibrate_test_ood_and_predict_give_the_same_score_for_the_same_image(models, tmp_path, capsys):
     """One precision for every open-set score (docs/ALGORITHM.md, "Precision"): with ``train.amp=bf16``,
     ``dnc calibrate`` and ``dnc test --ood`` score the validation images in fp32, as ``dnc predict`` does,
