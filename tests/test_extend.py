@@ -243,3 +243,36 @@ def test_refinement_moves_a_few_shot_class_off_the_images_of_an_old_one():
     assert (before[:200] == 2).float().mean() > 0.1                      # the new class took old images,
     assert (after[:200] == 0).float().mean() > (before[:200] == 0).float().mean() + 0.05  # fewer after
     assert after[-1] == 2 and (after[200:400] == 1).float().mean() > 0.95
+
+
+def _refine_by_hand(p, z, y, temperature, steps, lr):
+    """The refinement as documented, written out: Adam on the mean over the classes present of each
+    class's mean cross-entropy of ``max_k <z, p(c, k) / |p(c, k)|> / temperature``."""
+    q = p.detach().float().clone().requires_grad_()
+    opt = torch.optim.Adam([q], lr=lr)
+    present = [c for c in range(p.shape[0]) if (y == c).any()]
+    for _ in range(steps):
+        unit = q / q.norm(dim=-1, keepdim=True)
+        logits = torch.stack([(z @ unit[c].t()).max(1).values for c in range(p.shape[0])], 1) / temperature
+        losses = F.cross_entropy(logits, y, reduction="none")
+        loss = sum(losses[y == c].mean() for c in present) / len(present)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (q / q.norm(dim=-1, keepdim=True)).detach().to(p.dtype)
+
+
+def test_refinement_is_adam_on_the_class_balanced_loss_and_keeps_the_dtype():
+    """Against the objective written out by hand: class-balanced (a class of one image weighs as much as
+    one of 20; a class without images takes no part but keeps its rows), Adam at the given rate, unit
+    rows in the input's dtype; the defaults are the protocol's 50 steps at 1e-3 (BENCHMARKS.md)."""
+    g = torch.Generator().manual_seed(5)
+    z = F.normalize(torch.randn(31, 8, generator=g), dim=1)
+    y = torch.tensor([0] * 20 + [1] * 10 + [2])                            # class 3 has no image
+    p = F.normalize(torch.randn(4, 2, 8, generator=g, dtype=torch.float64), dim=-1)
+    q = refine_subcentroids(p, z, y, temperature=0.1, steps=15, lr=0.02)
+    assert q.dtype == torch.float64 and q.shape == p.shape
+    torch.testing.assert_close(q, _refine_by_hand(p, z, y, 0.1, 15, 0.02), atol=2e-5, rtol=0)
+    assert (q - p).abs().max() > 0.05                                       # it did move
+    torch.testing.assert_close(refine_subcentroids(p, z, y, 0.1), _refine_by_hand(p, z, y, 0.1, 50, 1e-3),
+                               atol=2e-5, rtol=0)

@@ -220,8 +220,10 @@ def test_knn_score_is_the_kth_neighbour_cosine():
         want = (z @ bank.t()).sort(1, descending=True).values[:, k - 1]
         torch.testing.assert_close(knn_scores(z, bank, k, chunk=16), want)
     assert (knn_scores(z[:5], bank, 1) > 1 - 1e-6).all()  # a bank image is its own nearest neighbour
-    with pytest.raises(ValueError, match="k=301"):
-        knn_scores(z, bank, 301)
+    torch.testing.assert_close(knn_scores(z, bank, 300, chunk=16), (z @ bank.t()).amin(1))  # k = the whole bank
+    for k in (0, 301):
+        with pytest.raises(ValueError, match=f"k={k} must be in"):
+            knn_scores(z, bank, k)
 
 
 def test_subcentroid_energy_is_a_soft_max_that_counts_nearby_subcentroids():
