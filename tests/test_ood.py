@@ -41,18 +41,24 @@ def test_threshold_keeps_the_fraction_asked_for():
         auroc(scores, torch.empty(0))
 
 
-def test_dnc_score_is_the_max_subcentroid_cosine_before_the_temperature():
-    cfg = load_config(DNC_CFG, ("model.backbone_kwargs.width=4", "model.backbone_kwargs.num_features=16"))
+@pytest.mark.parametrize("head", ["dnc", "linear"])
+def test_image_scores_are_the_max_subcentroid_cosine_and_the_named_functions_of_the_logits(head):
+    cfg = load_config(DNC_CFG, ("model.backbone_kwargs.width=4", "model.backbone_kwargs.num_features=16",
+                                f"model.head={head}"))
     torch.manual_seed(0)
     model = build_model(cfg, pretrained="").eval()
     x = torch.randn(5, 3, 8, 8)
     logits, scores = image_scores(model, x)
-    with torch.no_grad():
-        z = model.head.embed(model.features(x))
-    p = model.head.centroids.centroids
-    torch.testing.assert_close(scores["cosine"], torch.einsum("nd,ckd->nck", z, p).flatten(1).amax(1))
     torch.testing.assert_close(logits, model(x))
-    torch.testing.assert_close(scores["energy"], logits.logsumexp(1))
+    want = {"msp": logits.softmax(1).amax(1), "maxlogit": logits.amax(1), "energy": logits.logsumexp(1)}
+    if head == "dnc":  # the cosine before the temperature, and the soft maximum over the sub-centroids
+        with torch.no_grad():
+            z = model.head.embed(model.features(x))
+        sims = torch.einsum("nd,ckd->nck", z, model.head.centroids.centroids)
+        want.update(cosine=sims.flatten(1).amax(1), subenergy=subcentroid_energy(sims, model.head.temperature))
+    assert set(scores) == set(want)
+    for name, value in want.items():
+        torch.testing.assert_close(scores[name], value, msg=name)
 
 
 def _fp32_scores(config, ckpt, root, files) -> dict:
@@ -233,3 +239,6 @@ def test_subcentroid_energy_is_a_soft_max_that_counts_nearby_subcentroids():
     torch.testing.assert_close(subcentroid_energy(sims, 1e-3), best, atol=1e-3, rtol=0)
     e = subcentroid_energy(sims, 0.1)
     assert (e >= best).all() and e[1] > e[0]
+    by_hand = 0.1 * torch.log(torch.exp(sims.double() / 0.1).sum((1, 2)))  # T log sum_ck exp(s / T)
+    torch.testing.assert_close(subcentroid_energy(sims.half(), 0.1), by_hand.float(), atol=1e-3, rtol=0)
+    assert subcentroid_energy(sims.half(), 0.1).dtype == torch.float32
