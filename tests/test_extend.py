@@ -276,3 +276,38 @@ def test_refinement_is_adam_on_the_class_balanced_loss_and_keeps_the_dtype():
     assert (q - p).abs().max() > 0.05                                       # it did move
     torch.testing.assert_close(refine_subcentroids(p, z, y, 0.1), _refine_by_hand(p, z, y, 0.1, 50, 1e-3),
                                atol=2e-5, rtol=0)
+
+
+def test_extend_model_refuses_bad_requests_and_refits_old_classes_from_given_embeddings(tmp_path):
+    """The requests ``dnc extend`` refuses, each with its message; removing only; and ``refit``: the old
+    classes' sub-centroids become exactly ``fit_subcentroids`` of the given embeddings (seed + 1), the added
+    class's those of its own (seed), so that the same call gives the same model."""
+    import re
+
+    from dnc.extend import extend_model
+    over = ("model.backbone_kwargs.width=4", "model.backbone_kwargs.num_features=16", "data.dataset=imagefolder",
+            "data.num_classes=3", f"data.root={tmp_path}", "model.dnc.num_subcentroids=2")
+    cfg = load_config(DNC_CFG, over)
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained="")
+    classes, p = list("abc"), model.state_dict()[KEY]
+    g = torch.Generator().manual_seed(2)
+    z = F.normalize(torch.randn(60, p.shape[-1], generator=g), dim=1)
+    for added, removed, message in (({"a": z}, [], "--add a: class 'a' exists already"),
+                                    ({}, ["x"], "--remove x: no class 'x'; classes: a, b, c"),
+                                    ({}, ["a", "a"], "--remove: a class is named twice"),
+                                    ({}, ["a", "b", "c"], "--remove: no class would be left")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            extend_model(cfg, model, classes, added, removed)
+    _, less, names = extend_model(cfg, model, classes, {}, ["b"])
+    assert names == ["a", "c"] and torch.equal(less.state_dict()[KEY], p[[0, 2]])
+
+    labels = torch.arange(60) % 3
+    _, refit, names = extend_model(cfg, model, classes, {"d": z[:12]}, ["a"], seed=5, refit=(z, labels))
+    old = fit_subcentroids(z, labels, 3, 2, generator=torch.Generator().manual_seed(6))
+    new = fit_subcentroids(z[:12], torch.zeros(12, dtype=torch.long), 1, 2, generator=torch.Generator().manual_seed(5))
+    assert names == list("bcd")
+    torch.testing.assert_close(refit.state_dict()[KEY], torch.cat([old[1:], new]))
+    _, again, _ = extend_model(cfg, model, classes, {"d": z[:12]}, ["a"])
+    _, seed0, _ = extend_model(cfg, model, classes, {"d": z[:12]}, ["a"], seed=0)
+    assert torch.equal(again.state_dict()[KEY], seed0.state_dict()[KEY])  # seed 0 by default

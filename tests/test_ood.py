@@ -35,10 +35,18 @@ def test_threshold_keeps_the_fraction_asked_for():
     t = threshold_at_tpr(scores, 0.95)
     assert t == 5.0 and (scores >= t).float().mean() == 0.95            # the largest such threshold
     assert threshold_at_tpr(scores, 1.0) == 0.0
-    with pytest.raises(ValueError, match="tpr"):
-        threshold_at_tpr(scores, 0.0)
+    assert threshold_at_tpr(scores) == 5.0 and fpr_at_tpr(scores, scores + 50)[1] == 5.0  # 95% by default
+    assert threshold_at_tpr(scores, 0.001) == 99.0                        # a tiny fraction keeps the top one
+    for tpr in (0.0, 1.5):
+        with pytest.raises(ValueError, match=f"--tpr must be in \\(0, 1\\], got {tpr}"):
+            threshold_at_tpr(scores, tpr)
+    with pytest.raises(ValueError, match="a threshold needs at least one known sample"):
+        threshold_at_tpr(torch.empty(0))
     with pytest.raises(ValueError, match="known and unknown"):
         auroc(scores, torch.empty(0))
+    for known, unknown in ((torch.tensor([1.0, float("nan")]), scores), (scores, torch.tensor([float("inf")]))):
+        with pytest.raises(ValueError, match="open-set metrics: a score is NaN or infinite"):
+            auroc(known, unknown)
 
 
 @pytest.mark.parametrize("head", ["dnc", "linear"])
