@@ -32,8 +32,31 @@ def test_fewer_distinct_images_than_k_still_give_k_distinct_subcentroids():
     cos_to_image = p[0] @ a
     assert cos_to_image.max() == pytest.approx(1, abs=1e-6)           # one is the image itself,
     assert (cos_to_image >= JITTER_COS - 1e-5).all()                  # the others jittered copies close to it
-    with pytest.raises(ValueError, match="no embedding"):
-        fit_subcentroids(z[:1], torch.tensor([0]), 2, 4)
+    with pytest.raises(ValueError, match="^group 1 has no embedding"):
+        fit_subcentroids(z[:3], torch.tensor([0, 2, 2]), 3, 4)
+
+
+def test_fit_subcentroids_is_kmeans_pp_on_unit_rows_with_duplicates_jittered_exactly():
+    """Distinct centers are ``kmeans_pp``'s, untouched, whatever the length of each row; a duplicate of an
+    earlier center is replaced by a unit vector at cosine ``JITTER_COS`` from it; a seeded generator
+    gives the same result twice."""
+    from dnc.centroids import kmeans_pp
+    g = torch.Generator().manual_seed(7)
+    z = F.normalize(torch.randn(40, 8, generator=g), dim=1)
+    groups = torch.arange(40) % 2
+    scaled = z * torch.rand(40, 1, generator=g).add(0.5)  # rows of other lengths: the same directions
+    p = fit_subcentroids(scaled, groups, 2, 3, generator=torch.Generator().manual_seed(1))
+    want, _ = kmeans_pp(z, groups, 2, 3, 10, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(p, want)
+    twice = [fit_subcentroids(z[:2].repeat(3, 1), torch.tensor([0, 1] * 3), 2, 3, generator=torch.Generator().manual_seed(3))
+             for _ in range(2)]
+    assert torch.equal(*twice)
+    q = twice[0]                                                      # each group: one direction, K=3
+    for c in range(2):
+        cos = q[c] @ z[c]
+        assert int((cos > 1 - 1e-6).sum()) == 1                        # one kept exactly,
+        torch.testing.assert_close(cos.sort().values[:2], torch.full((2,), JITTER_COS))  # two at JITTER_COS
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(2, 3))
 
 
 @pytest.fixture(scope="module")

@@ -40,10 +40,22 @@ def test_the_label_check_can_be_turned_off_as_dnc_train_does_after_checking_the_
 
 
 @pytest.mark.parametrize("make", [lambda: DNCHead(D, C), lambda: LinearHead(D, C)])
-def test_features_of_another_width_name_both_widths(make):
+def test_features_of_another_width_name_the_head_and_both_widths(make):
     head = make()
-    with pytest.raises(ValueError, match=f"width {D + 1}, the head takes {D}"):
+    name = type(head).__name__
+    with pytest.raises(ValueError, match=f"^{name}: features of shape \\(3, {D + 1}\\) have width {D + 1}, the head takes {D}"):
         head(torch.randn(3, D + 1))
+    with pytest.raises(ValueError, match=f"^{name}: label\\(s\\) \\[{C}\\] outside \\[0, {C}\\)"):
+        head.train()(torch.randn(3, D), torch.tensor([0, C, 1]))  # labels are checked by default
+
+
+def test_the_linear_head_has_no_dropout_unless_asked():
+    torch.manual_seed(0)
+    x = torch.randn(5, D)
+    plain, dropped = LinearHead(D, C).train(), LinearHead(D, C, dropout=0.5).train()
+    torch.testing.assert_close(plain(x), plain.eval()(x))
+    dropped.load_state_dict(plain.state_dict())
+    assert not torch.allclose(dropped(x), plain(x))
 
 
 def test_with_labels_in_eval_mode_the_heads_return_logits_and_losses_and_move_nothing():

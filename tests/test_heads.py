@@ -146,6 +146,23 @@ def test_hand_written_backwards_equal_autograd(monkeypatch):
     torch.testing.assert_close(own, s.flatten(1).gather(1, index[:, None]).squeeze(1))
 
 
+def test_scores_and_terms_cover_every_row_in_chunks_and_take_an_empty_batch(monkeypatch):
+    """More rows than sub-centroids, one row per chunk: every row's gradient is written; an empty batch
+    (a step whose samples were all ignored) gives empty fp32 terms and an empty gradient."""
+    from dnc.heads import _ScoresAndTerms
+    monkeypatch.setattr(_ScoresAndTerms, "CHUNK", 4)
+    g = torch.Generator().manual_seed(4)
+    s = (torch.rand(11, 2, 2, generator=g, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    nearest, index = s.detach().argmax(-1, keepdim=True), torch.randint(0, 4, (11,), generator=g)
+    torch.autograd.gradcheck(lambda t: _ScoresAndTerms.apply(t, nearest, index, 0.1), (s,))
+    empty = torch.zeros(0, 3, 2, requires_grad=True)
+    scores, lse, own = _ScoresAndTerms.apply(empty, torch.zeros(0, 3, 1, dtype=torch.long),
+                                             torch.zeros(0, dtype=torch.long), 0.1)
+    assert scores.shape == (0, 3) and lse.shape == own.shape == (0,) and lse.dtype == own.dtype == torch.float32
+    (scores.sum() + lse.sum() + own.sum()).backward()
+    assert empty.grad.shape == (0, 3, 2)
+
+
 def test_pixel_head_inference_is_the_flat_head_per_pixel_and_255_is_ignored_by_default():
     """Evaluation (with or without a target): the ``(B, C, H, W)`` logits are the flat head's per pixel;
     training with the default ``ignore_index`` (255) and the auxiliary losses: 255 pixels take no part."""

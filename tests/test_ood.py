@@ -1,4 +1,5 @@
 """Open-set rejection: metrics against scikit-learn, dnc test --ood, dnc calibrate, predict's verdicts."""
+import dataclasses
 import json
 
 import numpy as np
@@ -10,8 +11,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from dnc.cli import main
 from dnc.config import Config, from_dict, load_config, to_dict
 from dnc.engine import load_checkpoint, save_checkpoint
-from dnc.ood import (apply_threshold, auroc, fpr_at_tpr, image_scores, knn_scores, pixel_scores, subcentroid_energy,
-                     threshold_at_tpr)
+from dnc.ood import (apply_threshold, auroc, fpr_at_tpr, image_scores, knn_scores, pixel_outputs, pixel_scores,
+                     save_score_map, subcentroid_energy, threshold_at_tpr)
 from dnc.tasks import build_model
 
 from openset_tiny import DNC_CFG, LINEAR_CFG, overrides, train, write_digits
@@ -192,6 +193,15 @@ def test_segmenter_score_map_and_predict_writes_it(tmp_path):
     low = torch.einsum("bhwd,ckd->bhwck", z, model.head.head.centroids.centroids).flatten(3).amax(-1)
     expected = torch.nn.functional.interpolate(low[:, None], size=(40, 52), mode="bilinear", align_corners=False)[:, 0]
     torch.testing.assert_close(score, expected)
+
+    linear = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head="linear")), pretrained="").eval()
+    logits, labels, score = pixel_outputs(linear, x, (40, 52))
+    up = torch.nn.functional.interpolate(logits, size=(40, 52), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(score, up.softmax(1).amax(1))          # a linear head: the max softmax
+    assert torch.equal(labels, up.argmax(1)) and labels.shape == (2, 40, 52)
+    save_score_map(torch.tensor([[-0.5, 0.0, 0.2], [0.5, 1.0, 1.7]]), tmp_path / "s.png")
+    with Image.open(tmp_path / "s.png") as img:                         # [0, 1] to 0-255, the rest clipped
+        assert img.mode == "L" and np.asarray(img).tolist() == [[0, 0, 51], [128, 255, 255]]
 
     save_checkpoint(tmp_path / "seg.pt", {"model": model.state_dict(), "config": to_dict(cfg), "classes": list("abcd")})
     Image.fromarray(torch.randint(0, 256, (40, 52, 3), dtype=torch.uint8).numpy()).save(tmp_path / "street.png")

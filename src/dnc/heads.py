@@ -189,7 +189,8 @@ class _ScoresAndTerms(torch.autograd.Function):
     def backward(ctx, g_scores: torch.Tensor, g_lse: torch.Tensor, g_own: torch.Tensor):
         s, nearest, own_index, lse = ctx.saved_tensors
         grad = torch.empty_like(s)
-        flat, out = s.flatten(1), grad.view(s.shape[0], -1)
+        flat = s.flatten(1)
+        out = grad.view(flat.shape)  # explicit sizes: an empty batch has no -1 to infer
         for i in range(0, flat.shape[0], ctx.step):  # the softmax part, d lse / d s
             j = i + ctx.step
             out[i:j] = torch.exp(flat[i:j].to(lse.dtype) / ctx.tau - lse[i:j, None]).mul_(g_lse[i:j, None] / ctx.tau)
