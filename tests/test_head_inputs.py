@@ -3,6 +3,8 @@ of another width fail loudly, before anything moves; with labels in eval mode th
 return in training, and move nothing."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -47,6 +49,27 @@ def test_features_of_another_width_name_the_head_and_both_widths(make):
         head(torch.randn(3, D + 1))
     with pytest.raises(ValueError, match=f"^{name}: label\\(s\\) \\[{C}\\] outside \\[0, {C}\\)"):
         head.train()(torch.randn(3, D), torch.tensor([0, C, 1]))  # labels are checked by default
+
+
+def test_the_label_message_lists_ten_values_then_dots_and_minus_two_is_refused():
+    head = DNCHead(D, C).train()
+    with pytest.raises(ValueError, match=r"^DNCHead: label\(s\) \[-2\] outside \[0, 4\) \(1 of 3\); nothing was updated"):
+        head(torch.randn(3, D), torch.tensor([0, -2, -1]))
+    bad = torch.arange(C, C + 11)
+    with pytest.raises(ValueError, match=r"label\(s\) \[4, 5, 6, 7, 8, 9, 10, 11, 12, 13\] ... outside"):
+        head(torch.randn(11, D), bad)
+    with pytest.raises(ValueError, match=r"label\(s\) \[4, 5, 6, 7, 8, 9, 10, 11, 12, 13\] outside"):
+        head(torch.randn(10, D), bad[:10])
+
+
+def test_a_dnc_head_in_training_mode_without_labels_warns_once():
+    head = DNCHead(D, C).train()
+    with pytest.warns(UserWarning, match="^DNCHead called in training mode without labels: the sub-centroids do not "
+                                         "move. Call it as `logits, losses = head\\(x, target\\)` in training steps.$"):
+        head(torch.randn(2, D))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head(torch.randn(2, D))
 
 
 def test_the_linear_head_has_no_dropout_unless_asked():

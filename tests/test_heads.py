@@ -79,6 +79,35 @@ def test_logits_and_auxiliary_losses_equal_their_definitions():
     torch.testing.assert_close(got, want)
 
 
+def test_auxiliary_losses_of_one_sample_and_of_a_step_without_clustering():
+    """One sample: the losses are its own terms (not divided by more than one); a step that only fills
+    does not cluster (``update_interval``) returns no auxiliary losses instead of failing."""
+    torch.manual_seed(2)
+    head = DNCHead(8, 3, num_subcentroids=2, feat_norm=False, correct_only=False, contrast_weight=1.0,
+                   compact_weight=1.0).train()
+    x, y = torch.randn(1, 8), torch.tensor([2])
+    p = head.centroids.centroids.clone()
+    _, losses = head(x, y)
+    sims = (F.normalize(x, dim=1) @ p.flatten(0, 1).t())[0]      # (C*K,)
+    own = sims[4:6].max()                                         # one sample: Sinkhorn gives its nearest
+    torch.testing.assert_close(losses["contrast"], torch.logsumexp(sims / 0.1, 0) - own / 0.1)
+    torch.testing.assert_close(losses["compact"], (1 - own) ** 2)
+    every2 = DNCHead(8, 3, num_subcentroids=2, update_interval=2, contrast_weight=0.1).train()
+    logits, losses = every2(torch.randn(4, 8), torch.tensor([0, 1, 2, 0]))  # step 1 of 2: no clustering
+    assert losses == {} and logits.shape == (4, 3)
+
+
+def test_layernorm_calibration_normalises_the_class_scores():
+    torch.manual_seed(3)
+    head = DNCHead(8, 3, num_subcentroids=2, calibration="layernorm").eval()
+    with torch.no_grad():
+        head.mask_norm.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        head.mask_norm.bias.copy_(torch.tensor([0.5, 0.0, -0.5]))
+    x = torch.randn(5, 8)
+    best = head.centroids.similarities(head.embed(x)).amax(-1)
+    torch.testing.assert_close(head(x), F.layer_norm(best, (3,), head.mask_norm.weight, head.mask_norm.bias))
+
+
 def test_state_dict_is_plain_tensors_saved_by_safetensors(tmp_path):
     head = trained_head(memory_size=16, update_interval=2)
     state = head.state_dict()

@@ -48,7 +48,7 @@ def _observed_seeds(x: torch.Tensor, k: int, copies: int, seed: int = 0) -> dict
     return {key: v / copies for key, v in counts.items()}
 
 
-@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("k", [2, 3, 4])
 def test_seeding_draws_each_next_seed_with_probability_proportional_to_d_squared(k):
     """Five points at uneven angles: uniform, D or D^4 weights, or D^2 to the first seed only (stale
     distances) all give a law far from the exact one (total variation > 0.1, here < 0.02)."""
