@@ -1,4 +1,7 @@
 """Invariants of the sub-centroid core (docs/ALGORITHM.md, "Invariants a correct implementation shows")."""
+import re
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -261,3 +264,40 @@ def test_step_with_fewer_samples_than_subcentroids_equals_the_reference():
     sums = F.normalize(torch.zeros(c * k, d).index_add_(0, slot, z[correct]), dim=1)
     moved = slot.unique()
     torch.testing.assert_close(sc.alignment, (before.view(-1, d)[moved] * sums[moved]).sum(1).mean())
+
+
+def test_a_capped_step_equals_an_uncapped_step_on_the_samples_it_drew():
+    """With ``max_per_class`` the step draws at most the cap from each class (the last two samples, of small
+    classes, always among them); the result is the plain step on exactly the drawn samples."""
+    torch.manual_seed(11)
+    labels = torch.cat([torch.zeros(40), torch.ones(6), torch.full((5,), 2.0), torch.tensor([1.0])]).long()
+    z = F.normalize(torch.randn(52, 8), dim=1)
+    z[-2] = -z[-1]                                  # the last two samples: opposite, of different classes
+    correct = torch.ones(52, dtype=torch.bool)
+    correct[-2] = False                             # drawn (its class is under the cap) but not moving the step
+    for n_classes in (3, 30):  # both layouts of the capped step
+        capped = SubCentroids(n_classes, 8, 2, momentum=0.5, max_per_class=8)
+        plain = SubCentroids(n_classes, 8, 2, momentum=0.5)
+        plain.load_state_dict(capped.state_dict())
+        assign = capped.update(z, labels, correct)
+        drawn = assign >= 0                          # every drawn sample is assigned, correct or not
+        assert int((drawn & (labels == 0)).sum()) == 8 and bool(drawn[-1]) and int(drawn.sum()) == 8 + 7 + 5
+        want = plain.update(z[drawn], labels[drawn], correct[drawn])
+        assert torch.equal(assign[drawn], want)
+        torch.testing.assert_close(capped.centroids, plain.centroids)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"num_classes": 0}, "num_classes, dim, num_subcentroids and update_interval must be >= 1"),
+    ({"dim": 0}, "num_classes, dim, num_subcentroids and update_interval must be >= 1"),
+    ({"num_subcentroids": 0}, "num_classes, dim, num_subcentroids and update_interval must be >= 1"),
+    ({"update_interval": 0}, "num_classes, dim, num_subcentroids and update_interval must be >= 1"),
+    ({"momentum": 1.0}, "momentum must be in [0, 1), got 1.0"),
+    ({"momentum": -0.1}, "momentum must be in [0, 1), got -0.1"),
+    ({"memory_size": -1}, "memory_size and max_per_class must be >= 0"),
+    ({"max_per_class": -1}, "memory_size and max_per_class must be >= 0"),
+])
+def test_subcentroids_refuse_bad_settings_by_name(kwargs, message):
+    args = {"num_classes": 3, "dim": 4, **kwargs}
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        SubCentroids(args.pop("num_classes"), args.pop("dim"), **args)

@@ -3,6 +3,7 @@ of another width fail loudly, before anything moves; with labels in eval mode th
 return in training, and move nothing."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -121,3 +122,21 @@ def test_pixel_head_checks_the_map_its_width_and_the_labels_but_the_ignore_index
     logits, losses = head(x, masks)
     torch.testing.assert_close(logits, head(x))
     assert losses == {}
+
+
+def test_head_settings_reach_the_clustering_and_the_defaults_are_the_papers():
+    head = DNCHead(D, C)
+    sub = head.centroids
+    assert (sub.k, sub.momentum, sub.eps, sub.iters, sub.correct_only, head.temperature) == (4, 0.999, 0.05, 3, True, 0.1)
+    assert isinstance(head.feat_norm, torch.nn.LayerNorm) and head.mask_norm is None
+    sub = DNCHead(D, C, num_subcentroids=2, sinkhorn_eps=0.2, sinkhorn_iters=5, correct_only=False).centroids
+    assert (sub.k, sub.eps, sub.iters, sub.correct_only) == (2, 0.2, 5, False)
+    from dnc.heads import build_head
+    assert isinstance(build_head("linear", D, C, dropout=0.5).dropout, torch.nn.Dropout)
+    for kwargs, message in (({"calibration": "softmax"}, "calibration must be 'temperature' or 'layernorm', got 'softmax'"),
+                            ({"compact_weight": 0.1, "memory_size": 8},
+                             "contrast_weight/compact_weight need the step's own assignment: use memory_size=0")):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            DNCHead(D, C, **kwargs)
+    with pytest.raises(ValueError, match="^unknown head 'mlp'; choose 'dnc' or 'linear'$"):
+        build_head("mlp", D, C)

@@ -37,6 +37,7 @@ def test_threshold_keeps_the_fraction_asked_for():
     assert t == 5.0 and (scores >= t).float().mean() == 0.95            # the largest such threshold
     assert threshold_at_tpr(scores, 1.0) == 0.0
     assert threshold_at_tpr(scores) == 5.0 and fpr_at_tpr(scores, scores + 50)[1] == 5.0  # 95% by default
+    assert fpr_at_tpr(scores, scores + 50, 0.5) == (1.0, 50.0)
     assert threshold_at_tpr(scores, 0.001) == 99.0                        # a tiny fraction keeps the top one
     for tpr in (0.0, 1.5):
         with pytest.raises(ValueError, match=f"--tpr must be in \\(0, 1\\], got {tpr}"):
@@ -193,6 +194,9 @@ def test_segmenter_score_map_and_predict_writes_it(tmp_path):
     low = torch.einsum("bhwd,ckd->bhwck", z, model.head.head.centroids.centroids).flatten(3).amax(-1)
     expected = torch.nn.functional.interpolate(low[:, None], size=(40, 52), mode="bilinear", align_corners=False)[:, 0]
     torch.testing.assert_close(score, expected)
+    logits, labels, _ = pixel_outputs(model, x, (40, 52))
+    up = torch.nn.functional.interpolate(logits, size=(40, 52), mode="bilinear", align_corners=False)
+    assert torch.equal(labels, up.argmax(1))
 
     linear = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head="linear")), pretrained="").eval()
     logits, labels, score = pixel_outputs(linear, x, (40, 52))
