@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from evidence_data import cifar as carve_cifar  # noqa: E402
-from openset import CIFAR10, class_names, run_dnc  # noqa: E402
+from openset import CIFAR10, class_names, load_run, run_dnc  # noqa: E402
 
 KNOWN = "0,1,2,4,5,9"
 CONFIGS = {"dnc": "configs/cifar10_jpeg/effnet-lite0_cpu_dnc.yaml",
@@ -74,14 +74,10 @@ def embed(run_dir: Path, files: dict, threads: int) -> dict:
     from torch.utils.data import DataLoader
 
     from dnc.data.classification import collate
-    from dnc.engine import load_checkpoint
     from dnc.data.images import ImageList
-    from dnc.runconfig import checkpoint_config
-    from dnc.tasks import build_cls_split, cls_transform, eval_transform, load_trained_model, training_subset
+    from dnc.tasks import build_cls_split, cls_transform, eval_transform, training_subset
     torch.set_num_threads(threads)
-    ckpt = load_checkpoint(run_dir / "last.pt")
-    cfg = checkpoint_config(ckpt, run_dir / "last.pt")
-    model = load_trained_model(cfg, ckpt, run_dir / "last.pt").eval()
+    cfg, model, _ = load_run(run_dir)
     sets = {"bank": training_subset(cfg, build_cls_split(cfg, "train", cls_transform(cfg, False)))}
     tf = eval_transform(cfg)
     for name, items in files.items():

@@ -99,6 +99,17 @@ def run_dnc(*args, log: Path) -> str:
     return done.stdout
 
 
+def load_run(run_dir: Path) -> tuple:
+    """``(cfg, model, checkpoint)`` of a finished run: ``run_dir/last.pt`` loaded as the commands load it,
+    the model in evaluation mode."""
+    from dnc.engine import load_checkpoint
+    from dnc.runconfig import checkpoint_config
+    from dnc.tasks import load_trained_model
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    cfg = checkpoint_config(ckpt, run_dir / "last.pt")
+    return cfg, load_trained_model(cfg, ckpt, run_dir / "last.pt").eval(), ckpt
+
+
 def mean_std(values: list) -> str:
     if not values:
         return "-"

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402  (also puts this checkout's dnc first on the path)
 from evidence_data import cifar as carve_cifar  # noqa: E402
-from openset import CIFAR10, run_dnc  # noqa: E402
+from openset import CIFAR10, load_run, run_dnc  # noqa: E402
 from superclass import VEHICLES, purity  # noqa: E402
 
 CONFIGS = {"dnc": "configs/cifar10_jpeg/effnet-lite0_cpu_dnc.yaml",
@@ -73,13 +73,9 @@ def score(run_dir: Path, test_root: Path, threads: int) -> dict:
     from dnc.data.classification import collate
     from dnc.data.images import ImageList
     from dnc.embedding import head_of
-    from dnc.engine import load_checkpoint
-    from dnc.runconfig import checkpoint_config
-    from dnc.tasks import build_cls_split, eval_transform, load_trained_model, training_subset
+    from dnc.tasks import build_cls_split, eval_transform, training_subset
     torch.set_num_threads(threads)
-    ckpt = load_checkpoint(run_dir / "last.pt")
-    cfg = checkpoint_config(ckpt, run_dir / "last.pt")
-    model = load_trained_model(cfg, ckpt, run_dir / "last.pt").eval()
+    cfg, model, ckpt = load_run(run_dir)
     classes = ckpt["classes"]
     tf = eval_transform(cfg)
     test = [(f, CIFAR10.index(c)) for c in CIFAR10 for f in sorted((test_root / c).iterdir())]
