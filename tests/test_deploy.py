@@ -98,7 +98,7 @@ def test_an_uncalibrated_linear_model_names_its_score_without_threshold(tmp_path
     assert main(["export", str(ckpt), "--format", "safetensors", "--out", str(out)]) == 0
     meta = read_safetensors(out)[1]
     assert meta["head"] == "linear" and meta["temperature"] is None
-    assert meta["score"]["name"] == "msp" and meta["score"]["threshold"] is None
+    assert meta["score"]["name"] == "energy" and meta["score"]["threshold"] is None
     from dnc.data.transforms import CIFAR10_MEAN, CIFAR10_STD
     pre = meta["preprocessing"]  # null in the config: the preset's values, resolved
     assert pre["mean"] == list(CIFAR10_MEAN) and pre["std"] == list(CIFAR10_STD)
@@ -144,7 +144,7 @@ def test_onnx_segmenter_gives_labels_and_score_maps_at_the_input_size(tmp_path, 
     assert (labels == up.argmax(1).numpy()).mean() > 0.999
     np.testing.assert_allclose(score, pixel_scores(model, x, (64, 80)).numpy(), atol=1e-4)
     meta = json.loads((tmp_path / "seg.onnx.json").read_text())
-    assert meta["score"]["name"] == ("cosine" if head == "dnc" else "msp") and meta["preprocessing"]["resize"] == "fit"
+    assert meta["score"]["name"] == ("cosine" if head == "dnc" else "energy") and meta["preprocessing"]["resize"] == "fit"
     assert main(["export", str(ckpt), "--format", "onnx", "--out", str(out), "--with-preprocessing"]) == 1
 
 

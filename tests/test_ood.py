@@ -11,8 +11,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from dnc.cli import main
 from dnc.config import Config, from_dict, load_config, to_dict
 from dnc.engine import load_checkpoint, save_checkpoint
-from dnc.ood import (apply_threshold, auroc, fpr_at_tpr, image_scores, knn_scores, pixel_outputs, pixel_scores,
-                     save_score_map, subcentroid_energy, threshold_at_tpr)
+from dnc.ood import (apply_threshold, auroc, default_score, fpr_at_tpr, image_scores, knn_scores, pixel_outputs,
+                     pixel_scores, save_score_map, score_loader, subcentroid_energy, threshold_at_tpr, verdict_text)
 from dnc.tasks import build_model
 
 from openset_tiny import DNC_CFG, LINEAR_CFG, overrides, train, write_digits
@@ -264,3 +264,30 @@ def test_subcentroid_energy_is_a_soft_max_that_counts_nearby_subcentroids():
     by_hand = 0.1 * torch.log(torch.exp(sims.double() / 0.1).sum((1, 2)))  # T log sum_ck exp(s / T)
     torch.testing.assert_close(subcentroid_energy(sims.half(), 0.1), by_hand.float(), atol=1e-3, rtol=0)
     assert subcentroid_energy(sims.half(), 0.1).dtype == torch.float32
+
+
+def test_verdicts_of_a_calibrated_checkpoint_and_their_text():
+    scores = {"cosine": torch.tensor([0.3, 0.55, 0.8]), "msp": torch.tensor([0.9, 0.9, 0.9])}
+    assert apply_threshold(scores, {}) is None and apply_threshold(scores, {"ood": None}) is None
+    verdicts = apply_threshold(scores, {"ood": {"score": "cosine", "threshold": 0.55}})
+    assert [v["unknown"] for v in verdicts] == [True, False, False]               # below the threshold only
+    assert verdicts[0] == {"unknown": True, "score": 0.3, "threshold": 0.55, "kind": "cosine"}
+    assert [verdict_text(v) for v in verdicts[:2]] == ["unknown (cosine 0.300 < 0.550)", "known (cosine 0.550 >= 0.550)"]
+    with pytest.raises(ValueError, match="^the checkpoint is calibrated on the 'energy' score, which this model does not give$"):
+        apply_threshold(scores, {"ood": {"score": "energy", "threshold": 1.0}})
+    assert (default_score("dnc"), default_score("linear")) == ("cosine", "energy")
+
+
+def test_score_loader_scores_every_sample_in_order_and_skips_empty_batches():
+    cfg = load_config(DNC_CFG, ("model.backbone_kwargs.width=4", "model.backbone_kwargs.num_features=16"))
+    torch.manual_seed(4)
+    model = build_model(cfg, pretrained="").train()
+    x, y = torch.randn(7, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    batches = [(x[:3], y[:3]), (x[:0], y[:0]), (x[3:], y[3:])]
+    scores, labels, preds = score_loader(model, batches, torch.device("cpu"))
+    logits, want = image_scores(model.eval(), x)
+    assert not model.training and torch.equal(labels, y) and torch.equal(preds, logits.argmax(1))
+    assert set(scores) == set(want)
+    for name in want:
+        torch.testing.assert_close(scores[name], want[name], msg=name)
+    assert score_loader(model, [(x[:0], y[:0])], torch.device("cpu"))[0] == {}

@@ -78,8 +78,9 @@ class Outputs(nn.Module):
     def __init__(self, model: nn.Module, segmentation: bool, kind: Optional[str] = None):
         super().__init__()
         from .embedding import head_of as _head
+        from .ood import default_score
         self.model, self.segmentation = model.eval(), segmentation
-        self.kind = kind or ("cosine" if hasattr(_head(model), "centroids") else "msp")
+        self.kind = kind or default_score("dnc" if hasattr(_head(model), "centroids") else "linear")
         self.names = ("logits", "labels", "score") if segmentation else ("logits", "score")
         self.train(False)
 

@@ -10,8 +10,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="CKPT2", help="the calibrated checkpoint to write")
     p.add_argument("--force", action="store_true", help="replace CKPT2 if it exists (never the checkpoint)")
     p.add_argument("--tpr", type=float, default=0.95, help="fraction of validation images kept (default 0.95)")
-    p.add_argument("--score", default=None, help="DNC: cosine (default), subenergy, msp, maxlogit or energy; linear: msp "
-                   "(default), maxlogit or energy")
+    p.add_argument("--score", default=None, help="DNC: cosine (default), subenergy, msp, maxlogit or energy; linear: "
+                   "energy (default), msp or maxlogit")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.set_defaults(func=run)
 
