@@ -33,9 +33,8 @@ __all__ = ["SCORES", "default_score", "subcentroid_energy", "knn_scores", "image
            "pixel_outputs", "pixel_scores", "auroc", "threshold_at_tpr", "fpr_at_tpr", "ood_report", "calibrate",
            "apply_threshold"]
 
-# The scores each head offers, the first being the default (higher = more like a known class).
-# the first of each is the default: the best on validation in BENCHMARKS.md section 7a (3 seeds; for the
-# linear twin energy 66.2 AUROC against max softmax 62.3)
+# The scores each head offers (higher = more like a known class). The first is the default: the best on
+# validation in BENCHMARKS.md section 7a (3 seeds; for the linear twin energy 66.2 AUROC, max softmax 62.3).
 SCORES = {"dnc": ("cosine", "subenergy", "msp", "maxlogit", "energy"), "linear": ("energy", "msp", "maxlogit")}
 
 
