@@ -301,3 +301,17 @@ def test_subcentroids_refuse_bad_settings_by_name(kwargs, message):
     args = {"num_classes": 3, "dim": 4, **kwargs}
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         SubCentroids(args.pop("num_classes"), args.pop("dim"), **args)
+
+
+@pytest.mark.parametrize("n_classes,n", [(3, 30), (40, 30), (3, 1)])  # every row; only the rows touched; one row
+def test_alignment_is_the_mean_cosine_of_each_moving_subcentroid_to_its_assigned_mean(n_classes, n):
+    """The logged ``centroid_cos``: over the sub-centroids that move, the mean cosine between each one
+    before the step and the normalised sum of the samples assigned to it."""
+    torch.manual_seed(12)
+    sc = SubCentroids(n_classes, 8, 2, momentum=0.5, correct_only=False)
+    z, y = F.normalize(torch.randn(n, 8), dim=1), torch.randint(0, 3, (n,))
+    old = sc.centroids.clone()
+    a = sc.update(z, y, torch.ones(n, dtype=torch.bool))
+    cos = [F.normalize(z[(y == c) & (a == k)].sum(0), dim=0) @ old[c, k]
+           for c in range(3) for k in range(2) if ((y == c) & (a == k)).any()]
+    torch.testing.assert_close(sc.alignment, torch.stack(cos).mean())
