@@ -315,3 +315,15 @@ def test_alignment_is_the_mean_cosine_of_each_moving_subcentroid_to_its_assigned
     cos = [F.normalize(z[(y == c) & (a == k)].sum(0), dim=0) @ old[c, k]
            for c in range(3) for k in range(2) if ((y == c) & (a == k)).any()]
     torch.testing.assert_close(sc.alignment, torch.stack(cos).mean())
+
+
+def test_own_similarities_of_a_capped_layout_read_each_slots_sample():
+    """Slots that name their sample (``rows``; padding slots name row N and group C): each gets the cosines
+    of its own sample, the last one included, to the sub-centroids of its own class."""
+    torch.manual_seed(13)
+    sc = SubCentroids(3, 8, 2)
+    z = F.normalize(torch.randn(10, 8), dim=1)
+    rows, groups = torch.tensor([9, 0, 5, 10, 2]), torch.tensor([1, 0, 2, 3, 1])
+    out = sc._own_similarities(z, groups, rows)
+    for i in (0, 1, 2, 4):
+        torch.testing.assert_close(out[i], sc.centroids[groups[i]] @ z[rows[i]])
