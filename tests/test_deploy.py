@@ -144,7 +144,7 @@ def test_onnx_segmenter_gives_labels_and_score_maps_at_the_input_size(tmp_path, 
     assert (labels == up.argmax(1).numpy()).mean() > 0.999
     np.testing.assert_allclose(score, pixel_scores(model, x, (64, 80)).numpy(), atol=1e-4)
     meta = json.loads((tmp_path / "seg.onnx.json").read_text())
-    assert meta["score"]["name"] == ("cosine" if head == "dnc" else "energy") and meta["preprocessing"]["resize"] == "fit"
+    assert meta["score"]["name"] == ("cosine" if head == "dnc" else "msp") and meta["preprocessing"]["resize"] == "fit"
     assert main(["export", str(ckpt), "--format", "onnx", "--out", str(out), "--with-preprocessing"]) == 1
 
 

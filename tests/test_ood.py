@@ -276,6 +276,7 @@ def test_verdicts_of_a_calibrated_checkpoint_and_their_text():
     with pytest.raises(ValueError, match="^the checkpoint is calibrated on the 'energy' score, which this model does not give$"):
         apply_threshold(scores, {"ood": {"score": "energy", "threshold": 1.0}})
     assert (default_score("dnc"), default_score("linear")) == ("cosine", "energy")
+    assert (default_score("dnc", segmentation=True), default_score("linear", segmentation=True)) == ("cosine", "msp")
 
 
 def test_score_loader_scores_every_sample_in_order_and_skips_empty_batches():

@@ -80,7 +80,7 @@ class Outputs(nn.Module):
         from .embedding import head_of as _head
         from .ood import default_score
         self.model, self.segmentation = model.eval(), segmentation
-        self.kind = kind or default_score("dnc" if hasattr(_head(model), "centroids") else "linear")
+        self.kind = kind or default_score("dnc" if hasattr(_head(model), "centroids") else "linear", segmentation)
         self.names = ("logits", "labels", "score") if segmentation else ("logits", "score")
         self.train(False)
 

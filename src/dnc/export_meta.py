@@ -76,7 +76,7 @@ def export_metadata(cfg, ckpt: dict, checkpoint, fmt: str, layout: Optional[str]
         "preprocessing": {**preprocessing(cfg), "in_graph": bool(layout)},
         "input": graph_input,
         "outputs": _outputs(fmt, cfg.task == "segmentation"),
-        "score": {"name": ood.get("score") or default_score(m.head), "threshold": ood.get("threshold"),
+        "score": {"name": ood.get("score") or default_score(m.head, cfg.task == "segmentation"), "threshold": ood.get("threshold"),
                   "tpr": ood.get("tpr"), "rule": "unknown when score < threshold"},
         "config": ckpt.get("config"),
     }

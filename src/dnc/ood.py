@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from .embedding import head_of
 from .files import check_output
 
-__all__ = ["SCORES", "default_score", "subcentroid_energy", "knn_scores", "image_scores", "score_loader",
+__all__ = ["SCORES", "PIXEL_SCORES", "default_score", "subcentroid_energy", "knn_scores", "image_scores", "score_loader",
            "pixel_outputs", "pixel_scores", "auroc", "threshold_at_tpr", "fpr_at_tpr", "ood_report", "calibrate",
            "apply_threshold"]
 
@@ -38,8 +38,12 @@ __all__ = ["SCORES", "default_score", "subcentroid_energy", "knn_scores", "image
 SCORES = {"dnc": ("cosine", "subenergy", "msp", "maxlogit", "energy"), "linear": ("energy", "msp", "maxlogit")}
 
 
-def default_score(head: str) -> str:
-    return SCORES[head][0]
+# A segmenter has one per-pixel score (pixel_outputs): the max sub-centroid cosine, or the max softmax.
+PIXEL_SCORES = {"dnc": "cosine", "linear": "msp"}
+
+
+def default_score(head: str, segmentation: bool = False) -> str:
+    return PIXEL_SCORES[head] if segmentation else SCORES[head][0]
 
 
 def _logit_scores(logits: torch.Tensor) -> dict:
