@@ -66,8 +66,9 @@ def test_the_label_message_lists_ten_values_then_dots_and_minus_two_is_refused()
 def test_a_dnc_head_in_training_mode_without_labels_warns_once():
     head = DNCHead(D, C).train()
     with pytest.warns(UserWarning, match="^DNCHead called in training mode without labels: the sub-centroids do not "
-                                         "move. Call it as `logits, losses = head\\(x, target\\)` in training steps.$"):
+                                         "move. Call it as `logits, losses = head\\(x, target\\)` in training steps.$") as record:
         head(torch.randn(2, D))
+    assert record[0].filename == __file__  # the warning names the caller, not torch's Module.__call__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         head(torch.randn(2, D))

@@ -17,6 +17,8 @@ a training loop of your own keeps it unless it turns it off the same way.
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Optional
 
@@ -27,6 +29,18 @@ from torch import nn
 from .centroids import SubCentroids
 
 __all__ = ["DNCHead", "LinearHead", "PixelHead", "build_head", "check_labels"]
+
+_TORCH_NN = os.path.dirname(nn.__file__) + os.sep
+
+
+def _caller_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel, called from a method of this module, of the code that called
+    the head: the first frame outside this module and ``torch.nn`` (whose ``Module.__call__`` adds a
+    number of frames that depends on the torch version)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename == __file__ or frame.f_code.co_filename.startswith(_TORCH_NN)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_width(x: torch.Tensor, in_dim: int, head: str) -> None:
@@ -118,7 +132,7 @@ class DNCHead(nn.Module):
                 self._warned_no_target = True
                 warnings.warn("DNCHead called in training mode without labels: the sub-centroids do not move. "
                               "Call it as `logits, losses = head(x, target)` in training steps.", UserWarning,
-                              stacklevel=2)
+                              stacklevel=_caller_stacklevel())
             logits = self.calibrate(sims.amax(-1).float())  # plain ops: traceable and exportable
             return logits if target is None else (logits, {})
         nearest = sims.detach().argmax(-1, keepdim=True)  # (N, C, 1): each class's nearest sub-centroid
