@@ -266,20 +266,22 @@ def test_step_with_fewer_samples_than_subcentroids_equals_the_reference():
     torch.testing.assert_close(sc.alignment, (before.view(-1, d)[moved] * sums[moved]).sum(1).mean())
 
 
-def test_a_capped_step_equals_an_uncapped_step_on_the_samples_it_drew():
+@pytest.mark.parametrize("reuse_sims", [False, True])  # recomputed, or the forward's similarities read per slot
+def test_a_capped_step_equals_an_uncapped_step_on_the_samples_it_drew(reuse_sims):
     """With ``max_per_class`` the step draws at most the cap from each class (the last two samples, of small
     classes, always among them); the result is the plain step on exactly the drawn samples."""
     torch.manual_seed(11)
     labels = torch.cat([torch.zeros(40), torch.ones(6), torch.full((5,), 2.0), torch.tensor([1.0])]).long()
     z = F.normalize(torch.randn(52, 8), dim=1)
-    z[-2] = -z[-1]                                  # the last two samples: opposite, of different classes
     correct = torch.ones(52, dtype=torch.bool)
     correct[-2] = False                             # drawn (its class is under the cap) but not moving the step
     for n_classes in (3, 30):  # both layouts of the capped step
         capped = SubCentroids(n_classes, 8, 2, momentum=0.5, max_per_class=8)
+        z[-1] = capped.centroids[1, 0]              # the last sample: on a sub-centroid of its class, and
+        z[-2] = -z[-1]                              # the one before it opposite, of another class
         plain = SubCentroids(n_classes, 8, 2, momentum=0.5)
         plain.load_state_dict(capped.state_dict())
-        assign = capped.update(z, labels, correct)
+        assign = capped.update(z, labels, correct, capped.similarities(z) if reuse_sims else None)
         drawn = assign >= 0                          # every drawn sample is assigned, correct or not
         assert int((drawn & (labels == 0)).sum()) == 8 and bool(drawn[-1]) and int(drawn.sum()) == 8 + 7 + 5
         want = plain.update(z[drawn], labels[drawn], correct[drawn])
@@ -303,17 +305,23 @@ def test_subcentroids_refuse_bad_settings_by_name(kwargs, message):
         SubCentroids(args.pop("num_classes"), args.pop("dim"), **args)
 
 
-@pytest.mark.parametrize("n_classes,n", [(3, 30), (40, 30), (3, 1)])  # every row; only the rows touched; one row
-def test_alignment_is_the_mean_cosine_of_each_moving_subcentroid_to_its_assigned_mean(n_classes, n):
+@pytest.mark.parametrize("n_classes,n,correct_only", [(3, 30, False), (40, 30, False), (3, 1, False), (40, 30, True)])
+def test_alignment_is_the_mean_cosine_of_each_moving_subcentroid_to_its_assigned_mean(n_classes, n, correct_only):
     """The logged ``centroid_cos``: over the sub-centroids that move, the mean cosine between each one
-    before the step and the normalised sum of the samples assigned to it."""
+    before the step and the normalised sum of the samples assigned to it. Cases: every row; only the
+    rows touched; one row; only the rows touched, with samples that take no part (misclassified) and
+    the last sub-centroid moving."""
     torch.manual_seed(12)
-    sc = SubCentroids(n_classes, 8, 2, momentum=0.5, correct_only=False)
-    z, y = F.normalize(torch.randn(n, 8), dim=1), torch.randint(0, 3, (n,))
+    sc = SubCentroids(n_classes, 8, 2, momentum=0.5, correct_only=correct_only)
+    z = F.normalize(torch.randn(n, 8), dim=1)
+    y = torch.tensor([0, 1, 2, n_classes - 1])[torch.randint(0, 4, (n,))]
+    ok = torch.rand(n) > 0.3 if correct_only else torch.ones(n, dtype=torch.bool)
     old = sc.centroids.clone()
-    a = sc.update(z, y, torch.ones(n, dtype=torch.bool))
-    cos = [F.normalize(z[(y == c) & (a == k)].sum(0), dim=0) @ old[c, k]
-           for c in range(3) for k in range(2) if ((y == c) & (a == k)).any()]
+    a = sc.update(z, y, ok)
+    moved = [((y == c) & (a == k) & ok, c, k) for c in y.unique().tolist() for k in range(2)]
+    cos = [F.normalize(z[m].sum(0), dim=0) @ old[c, k] for m, c, k in moved if m.any()]
+    if correct_only:
+        assert moved[-1][0].any() and not ok.all()  # the case this parameter is for
     torch.testing.assert_close(sc.alignment, torch.stack(cos).mean())
 
 
