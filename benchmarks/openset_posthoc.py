@@ -110,8 +110,9 @@ def mean(xs: list) -> float:
     return statistics.mean(xs)
 
 
-def summarise(results: dict, models: list, seeds: list) -> dict:
-    """Per model: every score's mean over seeds; per family the setting best on validation; the best family."""
+def summarise(results: dict, models: list, seeds: list, closed: str = "top1") -> dict:
+    """Per model: every score's mean over seeds; per family the setting best on validation; the best family.
+    ``closed``: the closed-set figure of each run (``val_<closed>``, ``test_<closed>``)."""
     out = {}
     for m in models:
         runs = [results[f"{m}_seed{s}"] for s in seeds]
@@ -129,8 +130,7 @@ def summarise(results: dict, models: list, seeds: list) -> dict:
             if f not in best_of_family or row["val_auroc"][0] > table[best_of_family[f]]["val_auroc"][0]:
                 best_of_family[f] = name
         best = max(best_of_family.values(), key=lambda n: table[n]["val_auroc"][0])
-        out[m] = {"val_top1": round(mean([r["val_top1"] for r in runs]), 2),
-                  "test_top1": round(mean([r["test_top1"] for r in runs]), 2),
+        out[m] = {**{f"{split}_{closed}": round(mean([r[f"{split}_{closed}"] for r in runs]), 2) for split in ("val", "test")},
                   "scores": table, "best_of_family": best_of_family, "best_on_val": best}
     return out
 

@@ -75,6 +75,26 @@ def test_camvid_void_is_ignored(tmp_path):
     assert len(build_seg_dataset("camvid", tmp_path, "train")) == 1
 
 
+def test_a_class_subset_renumbers_kept_classes_and_ignores_or_marks_the_others(tmp_path):
+    """MMSeg's ``classes=``: kept classes in the order given, left-out classes ignored (or marked), void ignored."""
+    from dnc.data.segmentation import LEFT_OUT_INDEX
+    _save(tmp_path / "train" / "images" / "a.jpg", _image(2, 6))
+    _save(tmp_path / "train" / "labels" / "a.png", np.array([[0, 1, 8, 9, 11, 3]] * 2, np.uint8))
+    ds = build_seg_dataset("camvid", tmp_path, "train", classes=["road", "sky", "building"])
+    assert ds.classes == ["road", "sky", "building"] and ds.num_classes == 3
+    assert ds.left_out == [c for c in CAMVID_CLASSES if c not in ("road", "sky", "building")]
+    assert ds[0][1][0].tolist() == [1, 2, 255, 255, 255, 0]
+    check_masks(ds)
+    marked = CamVid(tmp_path, "train").select_classes(["road", "sky", "building"], LEFT_OUT_INDEX)
+    assert marked[0][1][0].tolist() == [1, 2, LEFT_OUT_INDEX, LEFT_OUT_INDEX, 255, 0]
+    with pytest.raises(ValueError, match="'lane' is not a class"):
+        build_seg_dataset("camvid", tmp_path, "train", classes=["sky", "lane"])
+    with pytest.raises(ValueError, match="each class once"):
+        build_seg_dataset("camvid", tmp_path, "train", classes=["sky", "sky"])
+    with pytest.raises(ValueError, match="unknown option 'reduce_zero_label'"):
+        build_seg_dataset("camvid", tmp_path, "train", reduce_zero_label=True)
+
+
 def test_segfolder_pairs_by_stem_and_names_missing_mask(tmp_path):
     _save(tmp_path / "img" / "b.jpg", _image())
     _save(tmp_path / "ann" / "b_mask.png", np.zeros((12, 16), np.uint8))

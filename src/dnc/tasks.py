@@ -162,7 +162,8 @@ def _seg_split(cfg: Config, split: str, transforms) -> "torch.utils.data.Dataset
         kw.setdefault("num_classes", d.num_classes)  # a folder of masks has the classes of the config
     ds = build_seg_dataset(d.dataset, d.root, split, transforms, **kw)
     if ds.num_classes != d.num_classes:
-        raise ConfigError(f"dataset {d.dataset} has {ds.num_classes} classes but data.num_classes={d.num_classes}")
+        chosen = " (data.dataset_kwargs.classes)" if ds.left_out else ""
+        raise ConfigError(f"dataset {d.dataset} has {ds.num_classes} classes{chosen} but data.num_classes={d.num_classes}")
     if d.check_labels:
         check_masks(ds, num_workers=d.num_workers)
     return ds

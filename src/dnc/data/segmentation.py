@@ -13,9 +13,14 @@ Label mapping (MMSegmentation semantics)
     ``label_map`` (``{old: new}`` or a LUT with ``lut[old] == new``) on the result. Raw values
     that the table does not cover pass through unchanged, so :func:`check_masks` can report them.
 
+Class subsets (MMSegmentation's ``classes=``)
+    :meth:`SegFolder.select_classes` keeps some of a dataset's classes, renumbered in the order given;
+    the pixels of the others become the ignore index (unlabelled: neither trained on nor scored), or
+    :data:`LEFT_OUT_INDEX` where open-set evaluation scores them as unknown (``dnc test --ood-pixels``).
+
 Every dataset has the attributes ``classes`` (names; class ``i`` is ``classes[i]``),
-``num_classes``, ``ignore_index`` (255) and ``files`` (list of ``(image path, mask path)``), and
-``sample_name(i)`` for error messages.
+``num_classes``, ``ignore_index`` (255), ``left_out`` (the names of the classes a subset leaves out)
+and ``files`` (list of ``(image path, mask path)``), and ``sample_name(i)`` for error messages.
 """
 from __future__ import annotations
 
@@ -34,10 +39,11 @@ from .classification import read_rgb
 __all__ = [
     "ADE20K_CLASSES", "CITYSCAPES_CLASSES", "CAMVID_CLASSES",
     "SegFolder", "ADE20K", "Cityscapes", "CamVid",
-    "build_label_lut", "read_mask", "check_masks", "build_seg_dataset",
+    "build_label_lut", "read_mask", "check_masks", "build_seg_dataset", "LEFT_OUT_INDEX",
 ]
 
 IGNORE_INDEX = 255
+LEFT_OUT_INDEX = 254  # pixels of a class left out of a subset, where they are asked for (select_classes)
 
 # MMSegmentation's ADE20KDataset order (its 'bed ' has a stray trailing space, dropped here).
 ADE20K_CLASSES = (
@@ -188,7 +194,28 @@ class SegFolder(Dataset):
         self.num_classes = int(num_classes)
         self.reduce_zero_label = reduce_zero_label
         self.lut = build_label_lut(reduce_zero_label, label_map, self.ignore_index)
+        self.left_out: List[str] = []
         self.transforms = transforms
+
+    def select_classes(self, names: Sequence[str], left_out_index: int = IGNORE_INDEX) -> "SegFolder":
+        """Keep the classes ``names`` (some of :attr:`classes`, in the order given: MMSeg's ``classes=``):
+        their pixels read as ``0..len(names)-1``, the other classes' pixels as ``left_out_index`` (the
+        ignore index by default). Returns the dataset, changed in place."""
+        names = [str(n) for n in names]
+        unknown = [n for n in names if n not in self.classes]
+        if unknown:
+            raise ValueError(f"classes: {unknown[0]!r} is not a class of this dataset "
+                             f"(its classes: {', '.join(self.classes)})")
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"classes: each class once and at least one, got {names}")
+        lut = self.lut if self.lut is not None else np.arange(256, dtype=np.int64)
+        remap = np.arange(max(256, int(lut.max()) + 1), dtype=np.int64)
+        remap[: self.num_classes] = left_out_index
+        remap[[self.classes.index(n) for n in names]] = np.arange(len(names))
+        self.lut = remap[lut]
+        self.left_out = [c for c in self.classes if c not in names]
+        self.classes, self.num_classes = names, len(names)
+        return self
 
     def __len__(self) -> int:
         return len(self.files)
@@ -316,7 +343,8 @@ def build_seg_dataset(name: str, root, split: str = "train", transforms: Optiona
                       **kwargs) -> SegFolder:
     """Build the ``split`` of segmentation dataset ``name``.
 
-    ``'ade20k'``, ``'cityscapes'``, ``'camvid'``: the official layouts under ``root`` (no options).
+    ``'ade20k'``, ``'cityscapes'``, ``'camvid'``: the official layouts under ``root``; the one option,
+    ``classes``, keeps those classes (:meth:`SegFolder.select_classes`, the others' pixels ignored).
     ``'folder'``: :class:`SegFolder` with ``img_dir`` (default ``'img_dir/{split}'``) and
     ``ann_dir`` (default ``'ann_dir/{split}'``, MMSeg's custom layout), both formatted with the
     split and taken relative to ``root`` unless absolute; ``num_classes`` is required, and
@@ -326,9 +354,11 @@ def build_seg_dataset(name: str, root, split: str = "train", transforms: Optiona
     name = name.lower()
     named = {"ade20k": ADE20K, "cityscapes": Cityscapes, "camvid": CamVid}
     if name in named:
-        if kwargs:
-            raise ValueError(f"dataset {name!r}: unknown option {sorted(kwargs)[0]!r} (allowed: none)")
-        return named[name](root, split, transforms=transforms)
+        unknown = sorted(set(kwargs) - {"classes"})
+        if unknown:
+            raise ValueError(f"dataset {name!r}: unknown option {unknown[0]!r} (allowed: classes)")
+        ds = named[name](root, split, transforms=transforms)
+        return ds.select_classes(kwargs["classes"]) if kwargs.get("classes") is not None else ds
     if name != "folder":
         raise ValueError(f"dataset {name!r} is unknown (expected one of: {', '.join([*named, 'folder'])})")
     unknown = sorted(set(kwargs) - _FOLDER_KEYS)
