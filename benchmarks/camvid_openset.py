@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_run, write_json  # noqa: E402  (also puts this checkout's dnc first on the path)
-from openset import run_dnc  # noqa: E402
+from common import write_json  # noqa: E402  (also puts this checkout's dnc first on the path)
+from openset import load_run, run_dnc  # noqa: E402
 from openset_posthoc import summarise  # noqa: E402
 
 from dnc.data.segmentation import CAMVID_CLASSES, LEFT_OUT_INDEX  # noqa: E402
