@@ -111,7 +111,7 @@ def pixel_features(model, loader, bank: int = 0) -> tuple:
     taken at the decoder's resolution, nearest)."""
     feats, embeds, masks, shapes = [], [], [], []
     head = model.head.head
-    for images, target in loader:
+    for images, target, *_ in loader:
         x = model.decoder(model.encoder(images))
         b, d, h, w = x.shape
         f = x.permute(0, 2, 3, 1).reshape(-1, d)
@@ -141,49 +141,47 @@ def to_pixels(score: torch.Tensor, masks: list, shapes: list) -> tuple:
     return torch.cat(known), torch.cat(unknown)
 
 
-def knn_family(run_dir: Path, root: Path, split: str) -> dict:
-    """AUROC / FPR95 of the scores with settings (see the module text) of one run on one split."""
-    from dnc.data.segmentation import build_seg_dataset
-    from dnc.tasks import _seg_transform, build_eval_loader  # the evaluation transform of the run's config
+def knn_family(run_dir: Path) -> dict:
+    """``{split: {score: {"auroc", "fpr95"}}}`` of the scores with settings (see the module text) of one run."""
     from dnc.engine import DistInfo
+    from dnc.tasks import build_eval_loader, build_eval_split
     cfg, model, _ = load_run(run_dir)
-    info = DistInfo()
+    head = model.head.head
 
-    def loader(s: str):
-        ds = build_seg_dataset("camvid", root, s, _seg_transform(cfg, False))
-        return build_eval_loader(cfg, ds.select_classes(KNOWN, LEFT_OUT_INDEX), info)
+    def loader(split: str):
+        return build_eval_loader(cfg, build_eval_split(cfg, split, mark_left_out=True)[0], DistInfo(0, 1, torch.device("cpu")))
 
     bank_f, bank_z = pixel_features(model, loader("train"), BANK)
-    feats, embeds, masks, shapes = pixel_features(model, loader(split))
-    head = model.head.head
-    scores = {f"knn k={k}": knn_scores(feats, bank_f, k) for k in K_SWEEP}
-    if hasattr(head, "centroids"):
-        sims = head.centroids.similarities(embeds).float()
-        cos = sims.flatten(1).amax(1)
-        scores.update({f"subenergy T={t}": subcentroid_energy(sims, t) for t in T_SWEEP})
-        for k in K_SWEEP:
-            scores[f"knn_z k={k}"] = knn_scores(embeds, bank_z, k)
-            scores[f"cos_knn k={k}"] = cos + scores[f"knn_z k={k}"]
     out = {}
-    for name, score in scores.items():
-        known, unknown = to_pixels(score, masks, shapes)
-        fpr, _ = fpr_at_tpr(known, unknown)
-        out[name] = {"auroc": round(100 * auroc(known, unknown), 4), "fpr95": round(100 * fpr, 4)}
+    for split in ("val", "test"):
+        feats, embeds, masks, shapes = pixel_features(model, loader(split))
+        scores = {f"knn k={k}": knn_scores(feats, bank_f, k) for k in K_SWEEP}
+        if hasattr(head, "centroids"):
+            sims = head.centroids.similarities(embeds).float()
+            cos = sims.flatten(1).amax(1)
+            scores.update({f"subenergy T={t}": subcentroid_energy(sims, t) for t in T_SWEEP})
+            for k in K_SWEEP:
+                scores[f"knn_z k={k}"] = knn_scores(embeds, bank_z, k)
+                scores[f"cos_knn k={k}"] = cos + scores[f"knn_z k={k}"]
+        out[split] = {}
+        for name, score in scores.items():
+            known, unknown = to_pixels(score, masks, shapes)
+            fpr, _ = fpr_at_tpr(known, unknown)
+            out[split][name] = {"auroc": round(100 * auroc(known, unknown), 4), "fpr95": round(100 * fpr, 4)}
     return out
 
 
 def evaluate(root: Path, run_dir: Path, seed: int, extra: list, log: Path) -> dict:
     """Every score of one run on both halves, in the layout of ``openset_posthoc.summarise``."""
+    cached = run_dir / "knn.json"
+    if not cached.is_file():
+        write_json(cached, knn_family(run_dir))
+    with_settings = json.loads(cached.read_text())
     res = {"scores": {}}
     for split in ("val", "test"):
         tested = ood_test(root, run_dir, seed, split, extra, log)
         res[f"{split}_mIoU"] = tested["mIoU"]
-        posthoc = {k: v for k, v in tested["ood_pixels"]["scores"].items()}
-        cached = run_dir / f"knn_{split}.json"
-        if not cached.is_file():
-            write_json(cached, knn_family(run_dir, root, split))
-        posthoc.update(json.loads(cached.read_text()))
-        for name, v in posthoc.items():
+        for name, v in {**tested["ood_pixels"]["scores"], **with_settings[split]}.items():
             res["scores"].setdefault(name, {})[split] = {"auroc": v["auroc"], "fpr95": v["fpr95"]}
     return res
 

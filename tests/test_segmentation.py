@@ -79,7 +79,7 @@ def test_transfer_from_a_classification_checkpoint(tmp_path):
         Segmenter("resnet34d", 4, "fcn", "dnc", pretrained=str(tmp_path / "cls.pt"), decoder_channels=16)
 
 
-def make_camvid(root, n=4, size=(48, 64)):
+def make_camvid(root, n=4, size=(48, 64), car=False):
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         (root / split / "images").mkdir(parents=True)
@@ -88,6 +88,8 @@ def make_camvid(root, n=4, size=(48, 64)):
             label = np.zeros(size, np.uint8)
             label[: size[0] // 2] = 3  # "road" on top, "sky" below, some void
             label[:, :5] = 11
+            if car:  # and a "car" on the road
+                label[4:12, 20:36] = 8
             img = rng.integers(0, 60, size + (3,), dtype=np.uint8) + (label[..., None] == 3) * 150
             Image.fromarray(img.astype(np.uint8)).save(root / split / "images" / f"{i}.jpg")
             Image.fromarray(label).save(root / split / "labels" / f"{i}.png")
@@ -108,6 +110,43 @@ def test_camvid_train_and_test_through_the_cli(tmp_path, capsys):
     assert main(["test", config, str(work / "last.pt"), "--metrics", "mIoU", "--out", str(tmp_path / "r.json"), *overrides]) == 0
     tested = json.loads((tmp_path / "r.json").read_text())
     assert tested["mIoU"] == pytest.approx(trained["mIoU"])
+
+
+def test_classes_left_out_of_training_are_scored_per_pixel(tmp_path, capsys):
+    """``data.dataset_kwargs.classes``: a segmenter trained on sky and road, the car pixels left out;
+    ``dnc test --ood-pixels`` scores exactly those pixels against the known ones with every score."""
+    from dnc.data.segmentation import CAMVID_CLASSES, LEFT_OUT_INDEX, CamVid
+    from dnc.engine import load_checkpoint
+    from dnc.ood import auroc, pixel_score_maps
+    from dnc.tasks import _seg_transform, load_trained_model
+    from dnc.runconfig import checkpoint_config
+    make_camvid(tmp_path / "camvid", n=3, car=True)
+    work = tmp_path / "work"
+    overrides = [f"data.root={tmp_path / 'camvid'}", "data.crop_size=[32,32]", "data.batch_size=2", "data.num_workers=0",
+                 "model.decoder_channels=16", "train.iters=4", "train.eval_interval=4", "train.amp=none",
+                 "data.dataset_kwargs.classes=[sky,road]", "data.num_classes=2"]
+    config = "configs/segmentation/camvid/fcn_r18-d8_1x16_176x176_2k_camvid_dnc.yaml"
+    assert main(["train", config, "--work-dir", str(work), *overrides]) == 0
+    assert main(["test", str(work / "last.pt"), "--ood-pixels", "--out", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["classes"] == ["sky", "road"] and len(result["IoU"]) == 2
+    report = result["ood_pixels"]
+    assert report["left_out"] == [c for c in CAMVID_CLASSES if c not in ("sky", "road")]
+    assert report["pixels"] == {"known": 3 * (48 * 64 - 48 * 5 - 8 * 16), "unknown": 3 * 8 * 16}
+    assert set(report["scores"]) == {"cosine", "subenergy", "msp", "maxlogit", "energy"}
+    # the figures are those of the score maps, the car pixels against the sky and road ones
+    ckpt = load_checkpoint(work / "last.pt")
+    cfg = checkpoint_config(ckpt, work / "last.pt")
+    model = load_trained_model(cfg, ckpt, work / "last.pt").eval()
+    ds = CamVid(tmp_path / "camvid", "val", _seg_transform(cfg, False)).select_classes(["sky", "road"], LEFT_OUT_INDEX)
+    images, masks = map(torch.stack, zip(*(ds[i] for i in range(len(ds)))))
+    cos = pixel_score_maps(model, images, masks.shape[-2:])["cosine"]
+    assert report["scores"]["cosine"]["auroc"] == pytest.approx(100 * auroc(cos[masks < 2], cos[masks == LEFT_OUT_INDEX]), abs=1e-3)
+
+    capsys.readouterr()  # a run trained on every class has nothing left out: one error line
+    assert main(["test", config, str(work / "last.pt"), "--ood-pixels", *overrides[:-2]]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ood-pixels" in err[0] and "data.dataset_kwargs.classes" in err[0]
 
 
 def test_mask_with_a_stray_value_is_found_before_training(tmp_path, capsys):

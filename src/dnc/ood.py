@@ -9,8 +9,10 @@ known", so one threshold rule serves every score:
 * :func:`image_scores` / :func:`score_loader`: ``{kind: (N,)}`` for a batch / a data loader
   (``cosine`` and ``subenergy`` for DNC heads; ``msp``, ``maxlogit`` and ``energy`` for every head);
 * :func:`pixel_scores`: the per-pixel map of a segmenter (``cosine`` for DNC, ``msp`` for linear);
+  :func:`pixel_score_maps`: every score per pixel;
 * :func:`auroc`, :func:`threshold_at_tpr`, :func:`fpr_at_tpr`: metrics in torch, no scikit-learn;
-* :func:`ood_report`: what ``dnc test --ood DIR`` adds to its result;
+* :func:`ood_report`: what ``dnc test --ood DIR`` adds to its result; :func:`pixel_ood_report`, what
+  ``dnc test --ood-pixels`` adds (the pixels of classes left out of a segmenter's training);
 * :func:`calibrate` (``dnc calibrate``) stores ``{"score", "threshold", "tpr"}`` under ``"ood"`` in a
   copy of the checkpoint, and :func:`apply_threshold` turns scores into ``unknown`` verdicts
   (``dnc predict``).
@@ -30,7 +32,7 @@ from .embedding import head_of
 from .files import check_output
 
 __all__ = ["SCORES", "PIXEL_SCORES", "default_score", "subcentroid_energy", "knn_scores", "image_scores", "score_loader",
-           "pixel_outputs", "pixel_scores", "auroc", "threshold_at_tpr", "fpr_at_tpr", "ood_report", "calibrate",
+           "pixel_outputs", "pixel_scores", "pixel_score_maps", "pixel_ood_report", "auroc", "threshold_at_tpr", "fpr_at_tpr", "ood_report", "calibrate",
            "apply_threshold"]
 
 # The scores each head offers (higher = more like a known class). The first is the default: the best on
@@ -102,23 +104,37 @@ def score_loader(model: nn.Module, loader, device: torch.device) -> tuple:
     return {k: torch.cat(v) for k, v in parts.items()}, torch.cat(labels), torch.cat(preds)
 
 
+def _pixel_forward(model: nn.Module, images: torch.Tensor) -> tuple:
+    """``(logits (B, C, h, w), sims (B*h*w, C, K) or None)`` of a segmenter at the decoder's resolution:
+    its logits and, for a DNC head, the cosine of every pixel (in ``(B, h, w)`` order) to every sub-centroid."""
+    head = model.head.head
+    x = model.decoder(model.encoder(images))
+    logits = model.head(x).float()
+    if not hasattr(head, "centroids"):
+        return logits, None
+    return logits, head.centroids.similarities(head.embed(x.permute(0, 2, 3, 1).flatten(0, 2))).float()
+
+
+def _up(x: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+    return F.interpolate(x, size=tuple(out_size), mode="bilinear", align_corners=False)
+
+
+def _pixel_map(values: torch.Tensor, logits: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
+    """``(B, H, W)``: one value per decoder pixel (``(B*h*w,)``, as ``logits`` is laid out) upsampled to ``out_size``."""
+    b, _, h, w = logits.shape
+    return _up(values.view(b, 1, h, w), out_size)[:, 0]
+
+
 def pixel_outputs(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]) -> tuple:
     """``(logits (B, C, h, w), labels (B, H, W), score (B, H, W))`` of a segmenter from one forward:
     the logits at the decoder's resolution, and at ``out_size`` the class of every pixel (argmax of the
     logits upsampled bilinearly) and its :func:`pixel_scores`."""
     with torch.no_grad():
-        pixel_head = model.head
-        head = pixel_head.head
-        x = model.decoder(model.encoder(images))
-        b, d, h, w = x.shape
-        logits = pixel_head(x).float()
-        up = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
-        if not hasattr(head, "centroids"):
+        logits, sims = _pixel_forward(model, images)
+        up = _up(logits, out_size)
+        if sims is None:
             return logits, up.argmax(1), up.softmax(1).amax(1)
-        z = head.embed(x.permute(0, 2, 3, 1).reshape(-1, d))
-        score = head.centroids.similarities(z).float().flatten(1).amax(1).view(b, 1, h, w)
-        score = F.interpolate(score, size=tuple(out_size), mode="bilinear", align_corners=False)[:, 0]
-        return logits, up.argmax(1), score
+        return logits, up.argmax(1), _pixel_map(sims.flatten(1).amax(1), logits, out_size)
 
 
 def pixel_scores(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
@@ -126,6 +142,19 @@ def pixel_scores(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]
     sub-centroid cosine of each decoder pixel (upsampled bilinearly), for a linear head the max
     softmax of the upsampled logits."""
     return pixel_outputs(model, images, out_size)[2]
+
+
+def pixel_score_maps(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]) -> dict:
+    """``{kind: (B, H, W)}``: every score of :data:`SCORES` per pixel at ``out_size``: ``msp``, ``maxlogit``
+    and ``energy`` of the upsampled logits and, for a DNC head, ``cosine`` and ``subenergy`` of each
+    decoder pixel's sub-centroid cosines, upsampled bilinearly (as :func:`pixel_outputs`)."""
+    with torch.no_grad():
+        logits, sims = _pixel_forward(model, images)
+        maps = _logit_scores(_up(logits, out_size))
+        if sims is not None:
+            maps["cosine"] = _pixel_map(sims.flatten(1).amax(1), logits, out_size)
+            maps["subenergy"] = _pixel_map(subcentroid_energy(sims, model.head.head.temperature), logits, out_size)
+        return maps
 
 
 # ============================================================================ metrics
@@ -203,6 +232,38 @@ def ood_report(cfg, model: nn.Module, val_loader, folders: Sequence[str], device
         for kind in SCORES[cfg.model.head]:
             fpr, t = fpr_at_tpr(known[kind], unknown[kind], tpr)
             out[name][kind] = {"auroc": round(100 * auroc(known[kind], unknown[kind]), 4),
+                               "fpr95": round(100 * fpr, 4), "threshold": t}
+    return out
+
+
+def pixel_ood_report(model: nn.Module, loader, left_out: Sequence[str], device: torch.device,
+                     tpr: float = 0.95) -> dict:
+    """``dnc test --ood-pixels``: per pixel, the known classes' pixels against those of the classes left out
+    of training (``left_out``, marked ``LEFT_OUT_INDEX`` in the masks of ``loader``), for every score of
+    :func:`pixel_score_maps`: AUROC, FPR at ``tpr`` and the threshold (as :func:`ood_report`). Every
+    labelled pixel's scores are held in memory (4 bytes per pixel and score). Returns ``{"left_out": names,
+    "pixels": {"known": n, "unknown": m}, "scores": {kind: {"auroc", "fpr95", "threshold"}}}``."""
+    from .data.segmentation import LEFT_OUT_INDEX
+    from .engine import check_one_process
+    check_one_process("dnc test --ood-pixels")
+    model.eval()
+    known, unknown = {}, {}
+    for images, masks, *_ in loader:
+        masks = masks.to(device)
+        with torch.autocast(device.type, enabled=False):
+            maps = pixel_score_maps(model, images.to(device), masks.shape[-2:])
+        for kind, m in maps.items():
+            known.setdefault(kind, []).append(m[masks < LEFT_OUT_INDEX].cpu())
+            unknown.setdefault(kind, []).append(m[masks == LEFT_OUT_INDEX].cpu())
+    known, unknown = ({k: torch.cat(v) for k, v in d.items()} for d in (known, unknown))
+    if not known or not len(next(iter(unknown.values()))):
+        raise ValueError(f"dnc test --ood-pixels: no pixel of the left-out classes ({', '.join(left_out)}) "
+                         f"in the split tested")
+    out = {"left_out": list(left_out), "pixels": {"known": len(next(iter(known.values()))),
+                                                  "unknown": len(next(iter(unknown.values())))}, "scores": {}}
+    for kind in known:
+        fpr, t = fpr_at_tpr(known[kind], unknown[kind], tpr)
+        out["scores"][kind] = {"auroc": round(100 * auroc(known[kind], unknown[kind]), 4),
                                "fpr95": round(100 * fpr, 4), "threshold": t}
     return out
 

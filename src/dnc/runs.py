@@ -147,10 +147,12 @@ def _check_metrics(cfg, metrics: Optional[Sequence[str]]) -> None:
 
 
 def test(config: Optional[str], checkpoint: str, overrides: Sequence[str] = (), split: str = "val",
-         metrics: Optional[Sequence[str]] = None, ood: Optional[Sequence[str]] = None, out=None) -> tuple:
+         metrics: Optional[Sequence[str]] = None, ood: Optional[Sequence[str]] = None, out=None,
+         ood_pixels: bool = False) -> tuple:
     """Score ``checkpoint`` on ``split`` (its saved config, or ``config`` when given, with ``overrides``).
-    ``ood``: folders of images of no known class (open-set scores); ``out``: a ``.json`` or ``.pkl``
-    file for the metrics and per-sample predictions. Returns ``(cfg, result, classes, DistInfo)``."""
+    ``ood``: folders of images of no known class (open-set scores); ``ood_pixels``: a segmenter's open-set
+    scores of the pixels of the classes its training left out; ``out``: a ``.json`` or ``.pkl`` file for
+    the metrics and per-sample predictions. Returns ``(cfg, result, classes, DistInfo)``."""
     from .config import ConfigError
     from .engine import load_checkpoint, setup_distributed
     from .evaluation import evaluate
@@ -162,6 +164,11 @@ def test(config: Optional[str], checkpoint: str, overrides: Sequence[str] = (), 
     ckpt = load_checkpoint(checkpoint)
     cfg = command_config(config, ckpt, checkpoint, overrides)
     _check_metrics(cfg, metrics)
+    if ood_pixels and (cfg.task != "segmentation" or cfg.data.dataset == "folder"
+                       or not cfg.data.dataset_kwargs.get("classes")):
+        raise ConfigError("dnc test --ood-pixels: scores the pixels of classes left out of a segmenter's training; "
+                          "the run's data.dataset_kwargs.classes must keep some of the classes of an ade20k, "
+                          "cityscapes or camvid dataset")
     info = setup_distributed(cfg.train.device)
     set_threads(cfg.train.threads)
     model = load_trained_model(cfg, ckpt, checkpoint)
@@ -171,12 +178,14 @@ def test(config: Optional[str], checkpoint: str, overrides: Sequence[str] = (), 
     if info.is_main:
         log.info(f"scoring {checkpoint} on {evaluated['source']}: {evaluated['samples']} samples")
     loader = build_eval_loader(cfg, dataset, info)
-    scores = None
+    extra = {}
     if ood:
         from .ood import ood_report
-        scores = ood_report(cfg, model.to(info.device), loader, ood, info.device)
+        extra["ood"] = ood_report(cfg, model.to(info.device), loader, ood, info.device)
+    if ood_pixels:
+        extra["ood_pixels"] = _ood_pixels(cfg, model.to(info.device), split, info)
     result = evaluate(cfg, model.to(info.device), loader, info, predictions=bool(out), details=True, progress=True)
-    result = {"evaluated": evaluated, **result, **({"ood": scores} if scores is not None else {})}
+    result = {"evaluated": evaluated, **result, **extra}
     if info.is_main and out:
         payload = {"config": str(config) if config else None, "checkpoint": str(checkpoint), "classes": classes,
                    **result}
@@ -185,3 +194,11 @@ def test(config: Optional[str], checkpoint: str, overrides: Sequence[str] = (), 
         else:
             write_json(Path(out), payload)
     return cfg, result, classes, info
+
+
+def _ood_pixels(cfg, model, split: str, info) -> dict:
+    """``dnc test --ood-pixels``: the split again, the pixels of the classes left out of training marked."""
+    from .ood import pixel_ood_report
+    from .tasks import build_eval_loader, build_eval_split
+    dataset, _ = build_eval_split(cfg, split, mark_left_out=True)
+    return pixel_ood_report(model, build_eval_loader(cfg, dataset, info), dataset.left_out, info.device)

@@ -154,13 +154,13 @@ def _seg_transform(cfg: Config, train: bool):
                                 photometric=d.photometric, **({"mean": mean, "std": std} if mean is not None else {}))
 
 
-def _seg_split(cfg: Config, split: str, transforms) -> "torch.utils.data.Dataset":
-    from .data.segmentation import build_seg_dataset, check_masks
+def _seg_split(cfg: Config, split: str, transforms, mark_left_out: bool = False) -> "torch.utils.data.Dataset":
+    from .data.segmentation import IGNORE_INDEX, LEFT_OUT_INDEX, build_seg_dataset, check_masks
     d = cfg.data
     kw = dict(d.dataset_kwargs)
     if d.dataset == "folder":
         kw.setdefault("num_classes", d.num_classes)  # a folder of masks has the classes of the config
-    ds = build_seg_dataset(d.dataset, d.root, split, transforms, **kw)
+    ds = build_seg_dataset(d.dataset, d.root, split, transforms, LEFT_OUT_INDEX if mark_left_out else IGNORE_INDEX, **kw)
     if ds.num_classes != d.num_classes:
         chosen = " (data.dataset_kwargs.classes)" if ds.left_out else ""
         raise ConfigError(f"dataset {d.dataset} has {ds.num_classes} classes{chosen} but data.num_classes={d.num_classes}")
@@ -193,7 +193,7 @@ def build_datasets(cfg: Config, splits=("train", "val")) -> tuple:
     return out, classes
 
 
-def build_eval_split(cfg: Config, split: str = "val") -> Tuple["torch.utils.data.Dataset", dict]:
+def build_eval_split(cfg: Config, split: str = "val", mark_left_out: bool = False) -> Tuple["torch.utils.data.Dataset", dict]:
     """Any split of the data root with the evaluation transform, and what it is.
 
     ``val`` is the validation set of training (with ``data.holdout=N``: the N training images held out,
@@ -201,13 +201,16 @@ def build_eval_split(cfg: Config, split: str = "val") -> Tuple["torch.utils.data
     (classes of the training folder), CIFAR's ``test`` batch, the named splits of segmentation datasets
     (CamVid ``test``, Cityscapes ``test``/``val``, ``folder``'s ``img_dir/<split>``).
 
+    ``mark_left_out``: the pixels of the classes a segmentation subset leaves out
+    (``data.dataset_kwargs.classes``) read as ``LEFT_OUT_INDEX``, not ignored (``dnc test --ood-pixels``).
+
     Returns ``(dataset, {"split", "root", "samples", "holdout", "source"})``, ``source`` in words.
     """
     d = cfg.data
     check_root(cfg)
     where = d.root if d.root is not None else "the built-in digits"
     if cfg.task == "segmentation":
-        ds = _seg_split(cfg, split, _seg_transform(cfg, False))
+        ds = _seg_split(cfg, split, _seg_transform(cfg, False), mark_left_out)
         source = f"split {split!r} of {where}"
     elif split in ("train", "val"):
         ds = build_cls_split(cfg, split, cls_transform(cfg, False))

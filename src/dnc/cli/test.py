@@ -1,4 +1,5 @@
-"""``dnc test [CONFIG] CHECKPOINT [--split NAME] [--out FILE] [--metrics M ...] [--ood DIR] [key=value ...]``."""
+"""``dnc test [CONFIG] CHECKPOINT [--split NAME] [--out FILE] [--metrics M ...] [--ood DIR] [--ood-pixels]
+[key=value ...]``."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--ood", action="append", metavar="DIR",
                    help="a folder of images of no known class (repeatable): AUROC, FPR at 95%% TPR and the threshold "
                         "of each open-set score")
+    p.add_argument("--ood-pixels", action="store_true",
+                   help="segmentation trained on some classes (data.dataset_kwargs.classes): the same figures per "
+                        "pixel, the pixels of the classes left out against the known classes' pixels")
     p.set_defaults(func=run)
 
 
@@ -47,7 +51,8 @@ def _print_details(cfg, result: dict, classes: list) -> None:
 def run(args) -> dict:
     from ..runs import test
     config, checkpoint, overrides = split_inputs(args, "test")
-    cfg, result, classes, info = test(config, checkpoint, overrides, args.split, args.metrics, args.ood, args.out)
+    cfg, result, classes, info = test(config, checkpoint, overrides, args.split, args.metrics, args.ood, args.out,
+                                       args.ood_pixels)
     if info.is_main:
         _print_details(cfg, result, classes)
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}), flush=True)

@@ -195,6 +195,7 @@ class SegFolder(Dataset):
         self.reduce_zero_label = reduce_zero_label
         self.lut = build_label_lut(reduce_zero_label, label_map, self.ignore_index)
         self.left_out: List[str] = []
+        self.left_out_index = IGNORE_INDEX
         self.transforms = transforms
 
     def select_classes(self, names: Sequence[str], left_out_index: int = IGNORE_INDEX) -> "SegFolder":
@@ -213,7 +214,7 @@ class SegFolder(Dataset):
         remap[: self.num_classes] = left_out_index
         remap[[self.classes.index(n) for n in names]] = np.arange(len(names))
         self.lut = remap[lut]
-        self.left_out = [c for c in self.classes if c not in names]
+        self.left_out, self.left_out_index = [c for c in self.classes if c not in names], left_out_index
         self.classes, self.num_classes = names, len(names)
         return self
 
@@ -291,18 +292,18 @@ class CamVid(SegFolder):
 
 # --------------------------------------------------------------------------------- validation
 class _MaskScan(Dataset):
-    """Reads mask ``i``, maps it and returns its values that are neither a class nor ignore."""
+    """Reads mask ``i``, maps it and returns its values that are neither a class nor one of ``allowed``."""
 
-    def __init__(self, paths: Sequence[Path], lut: Optional[np.ndarray], num_classes: int, ignore_index: int):
+    def __init__(self, paths: Sequence[Path], lut: Optional[np.ndarray], num_classes: int, allowed: Sequence[int]):
         self.paths, self.lut = list(paths), lut
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.num_classes, self.allowed = num_classes, list(allowed)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> List[int]:
         values = np.unique(read_mask(self.paths[index], self.lut))
-        bad = values[((values < 0) | (values >= self.num_classes)) & (values != self.ignore_index)]
+        bad = values[((values < 0) | (values >= self.num_classes)) & ~np.isin(values, self.allowed)]
         return bad.tolist()
 
 
@@ -323,7 +324,7 @@ def check_masks(dataset, num_workers: int = 0) -> None:
     paths = [m for _, m in dataset.files]
     if indices is not None:
         paths = [paths[i] for i in indices]
-    scan = _MaskScan(paths, dataset.lut, dataset.num_classes, dataset.ignore_index)
+    scan = _MaskScan(paths, dataset.lut, dataset.num_classes, {dataset.ignore_index, dataset.left_out_index})
     if num_workers > 0:
         results = DataLoader(scan, batch_size=None, num_workers=num_workers)
     else:
@@ -340,11 +341,12 @@ _FOLDER_KEYS = {"img_dir", "ann_dir", "img_suffix", "seg_suffix", "num_classes",
 
 
 def build_seg_dataset(name: str, root, split: str = "train", transforms: Optional[Callable] = None,
-                      **kwargs) -> SegFolder:
+                      left_out_index: int = IGNORE_INDEX, **kwargs) -> SegFolder:
     """Build the ``split`` of segmentation dataset ``name``.
 
     ``'ade20k'``, ``'cityscapes'``, ``'camvid'``: the official layouts under ``root``; the one option,
-    ``classes``, keeps those classes (:meth:`SegFolder.select_classes`, the others' pixels ignored).
+    ``classes``, keeps those classes (:meth:`SegFolder.select_classes`: the others' pixels read as
+    ``left_out_index``, by default the ignore index).
     ``'folder'``: :class:`SegFolder` with ``img_dir`` (default ``'img_dir/{split}'``) and
     ``ann_dir`` (default ``'ann_dir/{split}'``, MMSeg's custom layout), both formatted with the
     split and taken relative to ``root`` unless absolute; ``num_classes`` is required, and
@@ -358,7 +360,7 @@ def build_seg_dataset(name: str, root, split: str = "train", transforms: Optiona
         if unknown:
             raise ValueError(f"dataset {name!r}: unknown option {unknown[0]!r} (allowed: classes)")
         ds = named[name](root, split, transforms=transforms)
-        return ds.select_classes(kwargs["classes"]) if kwargs.get("classes") is not None else ds
+        return ds.select_classes(kwargs["classes"], left_out_index) if kwargs.get("classes") is not None else ds
     if name != "folder":
         raise ValueError(f"dataset {name!r} is unknown (expected one of: {', '.join([*named, 'folder'])})")
     unknown = sorted(set(kwargs) - _FOLDER_KEYS)
