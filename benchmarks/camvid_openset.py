@@ -44,7 +44,7 @@ from openset import load_run, run_dnc  # noqa: E402
 from openset_posthoc import summarise  # noqa: E402
 
 from dnc.data.segmentation import CAMVID_CLASSES, LEFT_OUT_INDEX  # noqa: E402
-from dnc.ood import auroc, fpr_at_tpr, knn_scores, subcentroid_energy  # noqa: E402
+from dnc.ood import knn_scores, separation, subcentroid_energy  # noqa: E402
 
 CONFIG = "configs/segmentation/camvid/fcn_effnet-lite0_cpu_camvid_{head}.yaml"
 LEFT_OUT = ("car", "pedestrian", "bicyclist")
@@ -165,9 +165,7 @@ def knn_family(run_dir: Path) -> dict:
                 scores[f"cos_knn k={k}"] = cos + scores[f"knn_z k={k}"]
         out[split] = {}
         for name, score in scores.items():
-            known, unknown = to_pixels(score, masks, shapes)
-            fpr, _ = fpr_at_tpr(known, unknown)
-            out[split][name] = {"auroc": round(100 * auroc(known, unknown), 4), "fpr95": round(100 * fpr, 4)}
+            out[split][name] = separation(*to_pixels(score, masks, shapes))
     return out
 
 

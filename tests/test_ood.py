@@ -180,6 +180,31 @@ def test_calibrate_refuses_to_overwrite_its_input_and_a_bad_score(models, capsys
     assert dnc.read_bytes() == before
 
 
+def test_pixel_scores_of_every_kind_and_the_report_without_left_out_pixels():
+    """``pixel_score_maps``: the default map is ``pixel_outputs``'s, the logit scores are those of the upsampled
+    logits; a split without a pixel of the left-out classes is refused by name."""
+    from dnc.data.segmentation import LEFT_OUT_INDEX
+    from dnc.ood import pixel_ood_report, pixel_score_maps
+    cfg = from_dict(Config, {"task": "segmentation", "data": {"dataset": "camvid", "num_classes": 3, "scale": None},
+                             "model": {"backbone": "resnet18", "decoder": "fcn", "decoder_channels": 16,
+                                       "dnc": {"num_subcentroids": 2}}, "train": {"iters": 1}})
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained="").eval()
+    x = torch.randn(2, 3, 32, 40)
+    maps = pixel_score_maps(model, x, (30, 36))
+    logits, _, cosine = pixel_outputs(model, x, (30, 36))
+    up = torch.nn.functional.interpolate(logits, size=(30, 36), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(maps["cosine"], cosine)
+    torch.testing.assert_close(maps["energy"], up.logsumexp(1))
+    assert maps["subenergy"].shape == (2, 30, 36) and (maps["subenergy"] >= maps["cosine"] - 1e-6).all()
+    masks = torch.zeros(2, 30, 36, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"no pixel of the left-out classes \(car, pedestrian\)"):
+        pixel_ood_report(model, [(x, masks)], ["car", "pedestrian"], torch.device("cpu"))
+    masks[:, :5] = LEFT_OUT_INDEX
+    report = pixel_ood_report(model, [(x, masks)], ["car", "pedestrian"], torch.device("cpu"))
+    assert report["pixels"] == {"known": 2 * 25 * 36, "unknown": 2 * 5 * 36}
+
+
 def test_segmenter_score_map_and_predict_writes_it(tmp_path):
     cfg = from_dict(Config, {"task": "segmentation", "data": {"dataset": "camvid", "num_classes": 4, "scale": None},
                              "model": {"backbone": "resnet18", "decoder": "fcn", "decoder_channels": 16,

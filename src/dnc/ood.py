@@ -10,7 +10,8 @@ known", so one threshold rule serves every score:
   (``cosine`` and ``subenergy`` for DNC heads; ``msp``, ``maxlogit`` and ``energy`` for every head);
 * :func:`pixel_scores`: the per-pixel map of a segmenter (``cosine`` for DNC, ``msp`` for linear);
   :func:`pixel_score_maps`: every score per pixel;
-* :func:`auroc`, :func:`threshold_at_tpr`, :func:`fpr_at_tpr`: metrics in torch, no scikit-learn;
+* :func:`auroc`, :func:`threshold_at_tpr`, :func:`fpr_at_tpr`: metrics in torch, no scikit-learn
+  (:func:`separation`: the three of one score);
 * :func:`ood_report`: what ``dnc test --ood DIR`` adds to its result; :func:`pixel_ood_report`, what
   ``dnc test --ood-pixels`` adds (the pixels of classes left out of a segmenter's training);
 * :func:`calibrate` (``dnc calibrate``) stores ``{"score", "threshold", "tpr"}`` under ``"ood"`` in a
@@ -32,8 +33,8 @@ from .embedding import head_of
 from .files import check_output
 
 __all__ = ["SCORES", "PIXEL_SCORES", "default_score", "subcentroid_energy", "knn_scores", "image_scores", "score_loader",
-           "pixel_outputs", "pixel_scores", "pixel_score_maps", "pixel_ood_report", "auroc", "threshold_at_tpr", "fpr_at_tpr", "ood_report", "calibrate",
-           "apply_threshold"]
+           "pixel_outputs", "pixel_scores", "pixel_score_maps", "auroc", "threshold_at_tpr", "fpr_at_tpr", "ood_report",
+           "pixel_ood_report", "separation", "calibrate", "apply_threshold"]
 
 # The scores each head offers (higher = more like a known class). The first is the default: the best on
 # validation in BENCHMARKS.md section 7a (3 seeds; for the linear twin energy 66.2 AUROC, max softmax 62.3).
@@ -197,6 +198,12 @@ def fpr_at_tpr(known: torch.Tensor, unknown: torch.Tensor, tpr: float = 0.95) ->
     return float((unknown >= t).double().mean()), t
 
 
+def separation(known: torch.Tensor, unknown: torch.Tensor, tpr: float = 0.95) -> dict:
+    """``{"auroc", "fpr95", "threshold"}`` of one score (AUROC and FPR in percent, FPR at ``tpr``)."""
+    fpr, t = fpr_at_tpr(known, unknown, tpr)
+    return {"auroc": round(100 * auroc(known, unknown), 4), "fpr95": round(100 * fpr, 4), "threshold": t}
+
+
 def _folder_loader(cfg, folder, device) -> DataLoader:
     from .data.classification import collate
     from .data.images import ImageList, list_images
@@ -230,9 +237,7 @@ def ood_report(cfg, model: nn.Module, val_loader, folders: Sequence[str], device
         unknown, _, _ = score_loader(model, loader, device)
         out[name] = {"images": len(loader.dataset)}
         for kind in SCORES[cfg.model.head]:
-            fpr, t = fpr_at_tpr(known[kind], unknown[kind], tpr)
-            out[name][kind] = {"auroc": round(100 * auroc(known[kind], unknown[kind]), 4),
-                               "fpr95": round(100 * fpr, 4), "threshold": t}
+            out[name][kind] = separation(known[kind], unknown[kind], tpr)
     return out
 
 
@@ -259,13 +264,9 @@ def pixel_ood_report(model: nn.Module, loader, left_out: Sequence[str], device: 
     if not known or not len(next(iter(unknown.values()))):
         raise ValueError(f"dnc test --ood-pixels: no pixel of the left-out classes ({', '.join(left_out)}) "
                          f"in the split tested")
-    out = {"left_out": list(left_out), "pixels": {"known": len(next(iter(known.values()))),
-                                                  "unknown": len(next(iter(unknown.values())))}, "scores": {}}
-    for kind in known:
-        fpr, t = fpr_at_tpr(known[kind], unknown[kind], tpr)
-        out["scores"][kind] = {"auroc": round(100 * auroc(known[kind], unknown[kind]), 4),
-                               "fpr95": round(100 * fpr, 4), "threshold": t}
-    return out
+    return {"left_out": list(left_out),
+            "pixels": {"known": len(next(iter(known.values()))), "unknown": len(next(iter(unknown.values())))},
+            "scores": {kind: separation(known[kind], unknown[kind], tpr) for kind in known}}
 
 
 # ============================================================================ calibration and verdicts
