@@ -44,7 +44,7 @@ from openset import load_run, run_dnc  # noqa: E402
 from openset_posthoc import summarise  # noqa: E402
 
 from dnc.data.segmentation import CAMVID_CLASSES, LEFT_OUT_INDEX  # noqa: E402
-from dnc.ood import knn_scores, separation, subcentroid_energy  # noqa: E402
+from dnc.ood import knn_topk, separation, subcentroid_energy  # noqa: E402
 
 CONFIG = "configs/segmentation/camvid/fcn_effnet-lite0_cpu_camvid_{head}.yaml"
 LEFT_OUT = ("car", "pedestrian", "bicyclist")
@@ -155,13 +155,15 @@ def knn_family(run_dir: Path) -> dict:
     out = {}
     for split in ("val", "test"):
         feats, embeds, masks, shapes = pixel_features(model, loader(split))
-        scores = {f"knn k={k}": knn_scores(feats, bank_f, k) for k in K_SWEEP}
+        near = knn_topk(feats, bank_f, max(K_SWEEP))
+        scores = {f"knn k={k}": near[:, k - 1] for k in K_SWEEP}
         if hasattr(head, "centroids"):
             sims = head.centroids.similarities(embeds).float()
             cos = sims.flatten(1).amax(1)
             scores.update({f"subenergy T={t}": subcentroid_energy(sims, t) for t in T_SWEEP})
+            near_z = knn_topk(embeds, bank_z, max(K_SWEEP))
             for k in K_SWEEP:
-                scores[f"knn_z k={k}"] = knn_scores(embeds, bank_z, k)
+                scores[f"knn_z k={k}"] = near_z[:, k - 1]
                 scores[f"cos_knn k={k}"] = cos + scores[f"knn_z k={k}"]
         out[split] = {}
         for name, score in scores.items():

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from .embedding import head_of
 from .files import check_output
 
-__all__ = ["SCORES", "PIXEL_SCORES", "default_score", "subcentroid_energy", "knn_scores", "image_scores", "score_loader",
+__all__ = ["SCORES", "PIXEL_SCORES", "default_score", "subcentroid_energy", "knn_topk", "knn_scores", "image_scores", "score_loader",
            "pixel_outputs", "pixel_scores", "pixel_score_maps", "auroc", "threshold_at_tpr", "fpr_at_tpr", "ood_report",
            "pixel_ood_report", "separation", "calibrate", "apply_threshold"]
 
@@ -60,13 +60,19 @@ def subcentroid_energy(sims: torch.Tensor, temperature: float) -> torch.Tensor:
     return temperature * torch.logsumexp(sims.float().flatten(1) / temperature, 1)
 
 
-def knn_scores(z: torch.Tensor, bank: torch.Tensor, k: int = 50, chunk: int = 1024) -> torch.Tensor:
-    """``(N,)`` cosine of each unit vector of ``z`` to its ``k``-th nearest unit vector of ``bank``
-    (Sun et al. 2022, KNN open-set score: the same order as minus the k-th neighbour's distance)."""
+def knn_topk(z: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """``(N, k)``: the cosines of each unit vector of ``z`` to its ``k`` nearest unit vectors of ``bank``,
+    nearest first (column ``j`` is the (j+1)-th neighbour's: one pass gives every smaller k)."""
     if not 0 < k <= len(bank):
         raise ValueError(f"knn_scores: k={k} must be in [1, {len(bank)}] (the bank's size)")
     with torch.no_grad():
-        return torch.cat([(part.float() @ bank.float().t()).topk(k, dim=1).values[:, -1] for part in z.split(chunk)])
+        return torch.cat([(part.float() @ bank.float().t()).topk(k, dim=1).values for part in z.split(chunk)])
+
+
+def knn_scores(z: torch.Tensor, bank: torch.Tensor, k: int = 50, chunk: int = 1024) -> torch.Tensor:
+    """``(N,)`` cosine of each unit vector of ``z`` to its ``k``-th nearest unit vector of ``bank``
+    (Sun et al. 2022, KNN open-set score: the same order as minus the k-th neighbour's distance)."""
+    return knn_topk(z, bank, k, chunk)[:, -1]
 
 
 def image_scores(model: nn.Module, images: torch.Tensor) -> tuple:
