@@ -17,8 +17,8 @@ Per run and half, ``dnc test --split S --ood-pixels`` gives AUROC and FPR at 95%
 ``maxlogit``, ``energy``; DNC: ``cosine``, ``subenergy`` at the head's temperature) and the closed-set
 mIoU. This script adds the scores with settings, from the decoder's pixel features: ``knn`` (Sun et al.
 2022: the cosine to the k-th nearest of 20,000 known training pixels, L2-normalised decoder features),
-and for DNC heads ``subenergy`` at other temperatures, ``knn_z`` (the same in the head's unit embedding)
-and ``cos_knn`` (cosine + knn_z). Scores are computed at the decoder's resolution and upsampled
+and for DNC heads ``subenergy`` at other temperatures, ``knn_z`` (the same in the head's unit embedding),
+``cos_knn`` (cosine + knn_z) and ``cos_knnf`` (cosine + knn). Scores are computed at the decoder's resolution and upsampled
 bilinearly to the mask, as the library's are. The best setting of each family and the best family of
 each head are chosen on the validation mean over seeds; their test figures are reported.
 
@@ -164,7 +164,8 @@ def knn_family(run_dir: Path) -> dict:
             near_z = knn_topk(embeds, bank_z, max(K_SWEEP))
             for k in K_SWEEP:
                 scores[f"knn_z k={k}"] = near_z[:, k - 1]
-                scores[f"cos_knn k={k}"] = cos + scores[f"knn_z k={k}"]
+                scores[f"cos_knn k={k}"] = cos + near_z[:, k - 1]
+                scores[f"cos_knnf k={k}"] = cos + near[:, k - 1]
         out[split] = {}
         for name, score in scores.items():
             out[split][name] = separation(*to_pixels(score, masks, shapes))
