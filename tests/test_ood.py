@@ -124,6 +124,38 @@ def test_test_ood_reports_auroc_fpr95_and_threshold_per_head(models, tmp_path):
 
 
 @pytest.mark.end_to_end
+def test_test_ood_knn_is_the_kth_neighbour_among_the_training_features(models, tmp_path, capsys):
+    """``--knn K``: every head also gets ``knn``, the cosine of an image's backbone features to its K-th nearest
+    training image (all of them here: fewer than the bank's 20,000); ``--knn`` alone is refused."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from dnc.data.images import read_rgb
+    from dnc.tasks import build_eval_split, eval_transform
+    root, _, linear = models
+    out = tmp_path / "r.json"
+    assert main(["test", LINEAR_CFG, str(linear), "--ood", str(root / "unknown"), "--knn", "3", "--out", str(out),
+                 *overrides(root)]) == 0
+    got = json.loads(out.read_text())["ood"][str(root / "unknown")]["knn"]
+    cfg = load_config(LINEAR_CFG, tuple(overrides(root)))
+    model = build_model(cfg, pretrained="")
+    model.load_state_dict(load_checkpoint(linear)["model"])
+    model.eval()
+    tf = eval_transform(cfg)
+    train = build_eval_split(cfg, "train")[0]
+
+    def unit(images):
+        with torch.no_grad():
+            return torch.nn.functional.normalize(model.features(torch.stack(images)), dim=1)
+    bank = unit([train[i][0] for i in range(len(train))])
+    val = unit([tf(TF.to_image(read_rgb(f))) for f in sorted((root / "known" / "val").rglob("*.png"))])
+    unknown = unit([tf(TF.to_image(read_rgb(f))) for f in sorted((root / "unknown").rglob("*.png"))])
+    assert got["auroc"] == pytest.approx(100 * auroc(knn_scores(val, bank, 3), knn_scores(unknown, bank, 3)), abs=1e-3)
+    capsys.readouterr()
+    assert main(["test", LINEAR_CFG, str(linear), "--knn", "3", *overrides(root)]) == 1
+    assert "give --ood DIR or --ood-pixels too" in capsys.readouterr().err
+
+
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("make", ["missing", "empty"])
 def test_test_ood_rejects_a_missing_or_empty_folder(models, tmp_path, capsys, make):
     root, dnc, _ = models

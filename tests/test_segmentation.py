@@ -117,7 +117,7 @@ def test_classes_left_out_of_training_are_scored_per_pixel(tmp_path, capsys):
     ``dnc test --ood-pixels`` scores exactly those pixels against the known ones with every score."""
     from dnc.data.segmentation import CAMVID_CLASSES, LEFT_OUT_INDEX, CamVid
     from dnc.engine import load_checkpoint
-    from dnc.ood import auroc, pixel_score_maps
+    from dnc.ood import auroc, feature_bank, pixel_score_maps
     from dnc.tasks import _seg_transform, load_trained_model
     from dnc.runconfig import checkpoint_config
     make_camvid(tmp_path / "camvid", n=3, car=True)
@@ -127,21 +127,26 @@ def test_classes_left_out_of_training_are_scored_per_pixel(tmp_path, capsys):
                  "data.dataset_kwargs.classes=[sky,road]", "data.num_classes=2"]
     config = "configs/segmentation/camvid/fcn_r18-d8_1x16_176x176_2k_camvid_dnc.yaml"
     assert main(["train", config, "--work-dir", str(work), *overrides]) == 0
-    assert main(["test", str(work / "last.pt"), "--ood-pixels", "--out", str(tmp_path / "r.json")]) == 0
+    assert main(["test", str(work / "last.pt"), "--ood-pixels", "--knn", "3", "--out", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["classes"] == ["sky", "road"] and len(result["IoU"]) == 2
     report = result["ood_pixels"]
     assert report["left_out"] == [c for c in CAMVID_CLASSES if c not in ("sky", "road")]
     assert report["pixels"] == {"known": 3 * (48 * 64 - 48 * 5 - 8 * 16), "unknown": 3 * 8 * 16}
-    assert set(report["scores"]) == {"cosine", "subenergy", "msp", "maxlogit", "energy"}
+    assert set(report["scores"]) == {"cosine", "subenergy", "msp", "maxlogit", "energy", "knn"}
     # the figures are those of the score maps, the car pixels against the sky and road ones
     ckpt = load_checkpoint(work / "last.pt")
     cfg = checkpoint_config(ckpt, work / "last.pt")
     model = load_trained_model(cfg, ckpt, work / "last.pt").eval()
     ds = CamVid(tmp_path / "camvid", "val", _seg_transform(cfg, False)).select_classes(["sky", "road"], LEFT_OUT_INDEX)
     images, masks = map(torch.stack, zip(*(ds[i] for i in range(len(ds)))))
-    cos = pixel_score_maps(model, images, masks.shape[-2:])["cosine"]
-    assert report["scores"]["cosine"]["auroc"] == pytest.approx(100 * auroc(cos[masks < 2], cos[masks == LEFT_OUT_INDEX]), abs=1e-3)
+    bank = feature_bank(cfg, model, torch.device("cpu"))  # every known pixel of the 6x8 decoder maps (nearest labels:
+    # a void column and 2 car pixels each)
+    assert bank.shape == (3 * (6 * 8 - 6 - 2), 16) and torch.allclose(bank.norm(dim=1), torch.ones(len(bank)))
+    maps = pixel_score_maps(model, images, masks.shape[-2:], bank, 3)
+    for kind in ("cosine", "knn"):
+        want = 100 * auroc(maps[kind][masks < 2], maps[kind][masks == LEFT_OUT_INDEX])
+        assert report["scores"][kind]["auroc"] == pytest.approx(want, abs=1e-3), kind
 
     capsys.readouterr()  # a run trained on every class has nothing left out: one error line
     assert main(["test", config, str(work / "last.pt"), "--ood-pixels", *overrides[:-2]]) == 1

@@ -10,6 +10,8 @@ known", so one threshold rule serves every score:
   (``cosine`` and ``subenergy`` for DNC heads; ``msp``, ``maxlogit`` and ``energy`` for every head);
 * :func:`pixel_scores`: the per-pixel map of a segmenter (``cosine`` for DNC, ``msp`` for linear);
   :func:`pixel_score_maps`: every score per pixel;
+* :func:`feature_bank`: training features for the ``knn`` score (``dnc test --knn K``), which every
+  head offers next to its own scores;
 * :func:`auroc`, :func:`threshold_at_tpr`, :func:`fpr_at_tpr`: metrics in torch, no scikit-learn
   (:func:`separation`: the three of one score);
 * :func:`ood_report`: what ``dnc test --ood DIR`` adds to its result; :func:`pixel_ood_report`, what
@@ -34,7 +36,7 @@ from .files import check_output
 
 __all__ = ["SCORES", "PIXEL_SCORES", "default_score", "subcentroid_energy", "knn_topk", "knn_scores", "image_scores", "score_loader",
            "pixel_outputs", "pixel_scores", "pixel_score_maps", "auroc", "threshold_at_tpr", "fpr_at_tpr", "ood_report",
-           "pixel_ood_report", "separation", "calibrate", "apply_threshold"]
+           "pixel_ood_report", "separation", "feature_bank", "calibrate", "apply_threshold"]
 
 # The scores each head offers (higher = more like a known class). The first is the default: the best on
 # validation in BENCHMARKS.md section 7a (3 seeds; for the linear twin energy 66.2 AUROC, max softmax 62.3).
@@ -75,24 +77,30 @@ def knn_scores(z: torch.Tensor, bank: torch.Tensor, k: int = 50, chunk: int = 10
     return knn_topk(z, bank, k, chunk)[:, -1]
 
 
-def image_scores(model: nn.Module, images: torch.Tensor) -> tuple:
+def image_scores(model: nn.Module, images: torch.Tensor, bank: Optional[torch.Tensor] = None, k: int = 50) -> tuple:
     """``(logits (N, C), {kind: (N,)})`` of a classifier: ``msp``, ``maxlogit`` and ``energy`` of the
     logits and, for a DNC head, ``cosine``, the max over classes and sub-centroids of ``<z, p(c, k)>``,
-    and ``subenergy``, :func:`subcentroid_energy` of those cosines at the head's temperature."""
+    and ``subenergy``, :func:`subcentroid_energy` of those cosines at the head's temperature; with a
+    ``bank`` (:func:`feature_bank`), ``knn``: :func:`knn_scores` of the backbone features."""
     with torch.no_grad():
         head = head_of(model)
         feats = model.features(images)
         if not hasattr(head, "centroids"):
             logits = head(feats).float()
-            return logits, _logit_scores(logits)
-        sims = head.centroids.similarities(head.embed(feats)).float()  # (N, C, K)
-        best = sims.amax(-1)
-        logits = head.calibrate(best).float()
-        return logits, {"cosine": best.amax(1), "subenergy": subcentroid_energy(sims, head.temperature),
-                        **_logit_scores(logits)}
+            scores = _logit_scores(logits)
+        else:
+            sims = head.centroids.similarities(head.embed(feats)).float()  # (N, C, K)
+            best = sims.amax(-1)
+            logits = head.calibrate(best).float()
+            scores = {"cosine": best.amax(1), "subenergy": subcentroid_energy(sims, head.temperature),
+                      **_logit_scores(logits)}
+        if bank is not None:
+            scores["knn"] = knn_scores(F.normalize(feats.float(), dim=-1), bank, k)
+        return logits, scores
 
 
-def score_loader(model: nn.Module, loader, device: torch.device) -> tuple:
+def score_loader(model: nn.Module, loader, device: torch.device, bank: Optional[torch.Tensor] = None,
+                 k: int = 50) -> tuple:
     """Scores of every sample of a classification loader: ``({kind: (N,)}, labels (N,), preds (N,))``
     on the CPU, in loader order; in fp32 like ``dnc predict`` (:func:`image_scores`, without gradients)."""
     model.eval()
@@ -101,9 +109,9 @@ def score_loader(model: nn.Module, loader, device: torch.device) -> tuple:
         if not len(targets):
             continue
         with torch.autocast(device.type, enabled=False):
-            logits, scores = image_scores(model, images.to(device))
-        for k, v in scores.items():
-            parts.setdefault(k, []).append(v.float().cpu())
+            logits, scores = image_scores(model, images.to(device), bank, k)
+        for kind, v in scores.items():
+            parts.setdefault(kind, []).append(v.float().cpu())
         labels.append(targets.cpu())
         preds.append(logits.argmax(1).cpu())
     if not labels:
@@ -112,14 +120,15 @@ def score_loader(model: nn.Module, loader, device: torch.device) -> tuple:
 
 
 def _pixel_forward(model: nn.Module, images: torch.Tensor) -> tuple:
-    """``(logits (B, C, h, w), sims (B*h*w, C, K) or None)`` of a segmenter at the decoder's resolution:
-    its logits and, for a DNC head, the cosine of every pixel (in ``(B, h, w)`` order) to every sub-centroid."""
+    """``(features (B*h*w, D), logits (B, C, h, w), sims (B*h*w, C, K) or None)`` of a segmenter at the
+    decoder's resolution: its decoder features and logits and, for a DNC head, the cosine of every pixel
+    to every sub-centroid (pixels in ``(B, h, w)`` order)."""
     head = model.head.head
     x = model.decoder(model.encoder(images))
-    logits = model.head(x).float()
+    feats, logits = x.permute(0, 2, 3, 1).flatten(0, 2), model.head(x).float()
     if not hasattr(head, "centroids"):
-        return logits, None
-    return logits, head.centroids.similarities(head.embed(x.permute(0, 2, 3, 1).flatten(0, 2))).float()
+        return feats, logits, None
+    return feats, logits, head.centroids.similarities(head.embed(feats)).float()
 
 
 def _up(x: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
@@ -137,7 +146,7 @@ def pixel_outputs(model: nn.Module, images: torch.Tensor, out_size: Sequence[int
     the logits at the decoder's resolution, and at ``out_size`` the class of every pixel (argmax of the
     logits upsampled bilinearly) and its :func:`pixel_scores`."""
     with torch.no_grad():
-        logits, sims = _pixel_forward(model, images)
+        _, logits, sims = _pixel_forward(model, images)
         up = _up(logits, out_size)
         if sims is None:
             return logits, up.argmax(1), up.softmax(1).amax(1)
@@ -151,17 +160,51 @@ def pixel_scores(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]
     return pixel_outputs(model, images, out_size)[2]
 
 
-def pixel_score_maps(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]) -> dict:
+def pixel_score_maps(model: nn.Module, images: torch.Tensor, out_size: Sequence[int],
+                     bank: Optional[torch.Tensor] = None, k: int = 50) -> dict:
     """``{kind: (B, H, W)}``: every score of :data:`SCORES` per pixel at ``out_size``: ``msp``, ``maxlogit``
     and ``energy`` of the upsampled logits and, for a DNC head, ``cosine`` and ``subenergy`` of each
-    decoder pixel's sub-centroid cosines, upsampled bilinearly (as :func:`pixel_outputs`)."""
+    decoder pixel's sub-centroid cosines, upsampled bilinearly (as :func:`pixel_outputs`); with a ``bank``
+    (:func:`feature_bank`), ``knn`` of each decoder pixel's features, upsampled too."""
     with torch.no_grad():
-        logits, sims = _pixel_forward(model, images)
+        feats, logits, sims = _pixel_forward(model, images)
         maps = _logit_scores(_up(logits, out_size))
+        if bank is not None:
+            maps["knn"] = _pixel_map(knn_scores(F.normalize(feats.float(), dim=-1), bank, k), logits, out_size)
         if sims is not None:
             maps["cosine"] = _pixel_map(sims.flatten(1).amax(1), logits, out_size)
             maps["subenergy"] = _pixel_map(subcentroid_energy(sims, model.head.head.temperature), logits, out_size)
         return maps
+
+
+KNN_BANK = 20000  # training samples (a segmenter: pixels) whose features the knn score compares with
+
+
+def feature_bank(cfg, model: nn.Module, device: torch.device, size: int = KNN_BANK) -> torch.Tensor:
+    """``(M, D)`` unit features of the training split for the ``knn`` score (Sun et al. 2022), in fp32 and
+    evaluation transforms: a classifier's backbone features of ``size`` random training images (all, if
+    fewer), a segmenter's decoder features of random labelled pixels, ``ceil(size / images)`` per image."""
+    from .engine import DistInfo
+    from .tasks import build_eval_loader, build_eval_split
+    dataset, _ = build_eval_split(cfg, "train")
+    generator = torch.Generator().manual_seed(0)
+    if cfg.task == "classification":
+        dataset = torch.utils.data.Subset(dataset, torch.randperm(len(dataset), generator=generator)[:size].tolist())
+    per_image = math.ceil(size / max(len(dataset), 1))
+    parts = []
+    model.eval()
+    for images, targets, *_ in build_eval_loader(cfg, dataset, DistInfo(0, 1, device)):
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            if cfg.task == "classification":
+                parts.append(model.features(images.to(device)).float())
+                continue
+            feats, logits, _ = _pixel_forward(model, images.to(device))
+            labels = F.interpolate(targets[:, None].float(), size=logits.shape[-2:], mode="nearest").long().flatten()
+            feats = feats[(labels < cfg.data.num_classes).to(device)].float()
+            parts.append(feats[torch.randperm(len(feats), generator=generator)[: per_image * len(images)].to(device)])
+    if not parts or not sum(len(p) for p in parts):
+        raise ValueError("--knn: the training split has no labelled sample for the bank")
+    return F.normalize(torch.cat(parts), dim=1)
 
 
 # ============================================================================ metrics
@@ -221,7 +264,7 @@ def _folder_loader(cfg, folder, device) -> DataLoader:
 
 # ============================================================================ dnc test --ood
 def ood_report(cfg, model: nn.Module, val_loader, folders: Sequence[str], device: torch.device,
-               tpr: float = 0.95) -> dict:
+               tpr: float = 0.95, bank: Optional[torch.Tensor] = None, k: int = 50) -> dict:
     """``dnc test --ood DIR...``: for each folder (images of no known class), and for each score of
     the head, AUROC and FPR against the known images of ``val_loader`` (the split being tested), at the
     threshold that keeps a fraction ``tpr`` of them, and that threshold.
@@ -237,18 +280,18 @@ def ood_report(cfg, model: nn.Module, val_loader, folders: Sequence[str], device
         raise ValueError("dnc test --ood: a folder is given twice")
     loaders = {str(f): _folder_loader(cfg, f, device) for f in folders}  # every folder checked before any work
     # In fp32 whatever train.amp, as dnc calibrate and dnc predict score (docs/ALGORITHM.md, "Precision").
-    known, _, _ = score_loader(model, val_loader, device)
+    known, _, _ = score_loader(model, val_loader, device, bank, k)
     out = {}
     for name, loader in loaders.items():
-        unknown, _, _ = score_loader(model, loader, device)
+        unknown, _, _ = score_loader(model, loader, device, bank, k)
         out[name] = {"images": len(loader.dataset)}
-        for kind in SCORES[cfg.model.head]:
+        for kind in known:
             out[name][kind] = separation(known[kind], unknown[kind], tpr)
     return out
 
 
 def pixel_ood_report(model: nn.Module, loader, left_out: Sequence[str], device: torch.device,
-                     tpr: float = 0.95) -> dict:
+                     tpr: float = 0.95, bank: Optional[torch.Tensor] = None, k: int = 50) -> dict:
     """``dnc test --ood-pixels``: per pixel, the known classes' pixels against those of the classes left out
     of training (``left_out``, marked ``LEFT_OUT_INDEX`` in the masks of ``loader``), for every score of
     :func:`pixel_score_maps`: AUROC, FPR at ``tpr`` and the threshold (as :func:`ood_report`). Every
@@ -262,7 +305,7 @@ def pixel_ood_report(model: nn.Module, loader, left_out: Sequence[str], device: 
     for images, masks, *_ in loader:
         masks = masks.to(device)
         with torch.autocast(device.type, enabled=False):
-            maps = pixel_score_maps(model, images.to(device), masks.shape[-2:])
+            maps = pixel_score_maps(model, images.to(device), masks.shape[-2:], bank, k)
         for kind, m in maps.items():
             known.setdefault(kind, []).append(m[masks < LEFT_OUT_INDEX].cpu())
             unknown.setdefault(kind, []).append(m[masks == LEFT_OUT_INDEX].cpu())

@@ -148,10 +148,11 @@ def _check_metrics(cfg, metrics: Optional[Sequence[str]]) -> None:
 
 def test(config: Optional[str], checkpoint: str, overrides: Sequence[str] = (), split: str = "val",
          metrics: Optional[Sequence[str]] = None, ood: Optional[Sequence[str]] = None, out=None,
-         ood_pixels: bool = False) -> tuple:
+         ood_pixels: bool = False, knn: int = 0) -> tuple:
     """Score ``checkpoint`` on ``split`` (its saved config, or ``config`` when given, with ``overrides``).
     ``ood``: folders of images of no known class (open-set scores); ``ood_pixels``: a segmenter's open-set
-    scores of the pixels of the classes its training left out; ``out``: a ``.json`` or ``.pkl`` file for
+    scores of the pixels of the classes its training left out; ``knn``: with either, also the ``knn`` score
+    with this many neighbours (:func:`~dnc.ood.feature_bank`); ``out``: a ``.json`` or ``.pkl`` file for
     the metrics and per-sample predictions. Returns ``(cfg, result, classes, DistInfo)``."""
     from .config import ConfigError
     from .engine import load_checkpoint, setup_distributed
@@ -164,6 +165,10 @@ def test(config: Optional[str], checkpoint: str, overrides: Sequence[str] = (), 
     ckpt = load_checkpoint(checkpoint)
     cfg = command_config(config, ckpt, checkpoint, overrides)
     _check_metrics(cfg, metrics)
+    if knn and not (ood or ood_pixels):
+        raise ConfigError("dnc test --knn: the knn score is an open-set score; give --ood DIR or --ood-pixels too")
+    if knn < 0:
+        raise ConfigError(f"dnc test --knn: the number of neighbours must be >= 1, got {knn}")
     if ood_pixels and (cfg.task != "segmentation" or cfg.data.dataset == "folder"
                        or not cfg.data.dataset_kwargs.get("classes")):
         raise ConfigError("dnc test --ood-pixels: scores the pixels of classes left out of a segmenter's training; "
@@ -179,11 +184,15 @@ def test(config: Optional[str], checkpoint: str, overrides: Sequence[str] = (), 
         log.info(f"scoring {checkpoint} on {evaluated['source']}: {evaluated['samples']} samples")
     loader = build_eval_loader(cfg, dataset, info)
     extra = {}
+    bank = None
+    if knn and (ood or ood_pixels):
+        from .ood import feature_bank
+        bank = feature_bank(cfg, model.to(info.device), info.device)
     if ood:
         from .ood import ood_report
-        extra["ood"] = ood_report(cfg, model.to(info.device), loader, ood, info.device)
+        extra["ood"] = ood_report(cfg, model.to(info.device), loader, ood, info.device, bank=bank, k=knn)
     if ood_pixels:
-        extra["ood_pixels"] = _ood_pixels(cfg, model.to(info.device), split, info)
+        extra["ood_pixels"] = _ood_pixels(cfg, model.to(info.device), split, info, bank, knn)
     result = evaluate(cfg, model.to(info.device), loader, info, predictions=bool(out), details=True, progress=True)
     result = {"evaluated": evaluated, **result, **extra}
     if info.is_main and out:
@@ -196,9 +205,10 @@ def test(config: Optional[str], checkpoint: str, overrides: Sequence[str] = (), 
     return cfg, result, classes, info
 
 
-def _ood_pixels(cfg, model, split: str, info) -> dict:
+def _ood_pixels(cfg, model, split: str, info, bank, k: int) -> dict:
     """``dnc test --ood-pixels``: the split again, the pixels of the classes left out of training marked."""
     from .ood import pixel_ood_report
     from .tasks import build_eval_loader, build_eval_split
     dataset, _ = build_eval_split(cfg, split, mark_left_out=True)
-    return pixel_ood_report(model, build_eval_loader(cfg, dataset, info), dataset.left_out, info.device)
+    return pixel_ood_report(model, build_eval_loader(cfg, dataset, info), dataset.left_out, info.device, bank=bank,
+                            k=k)

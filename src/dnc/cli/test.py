@@ -1,5 +1,5 @@
 """``dnc test [CONFIG] CHECKPOINT [--split NAME] [--out FILE] [--metrics M ...] [--ood DIR] [--ood-pixels]
-[key=value ...]``."""
+[--knn K] [key=value ...]``."""
 from __future__ import annotations
 
 import json
@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--ood-pixels", action="store_true",
                    help="segmentation trained on some classes (data.dataset_kwargs.classes): the same figures per "
                         "pixel, the pixels of the classes left out against the known classes' pixels")
+    p.add_argument("--knn", type=int, default=0, metavar="K",
+                   help="with --ood or --ood-pixels, also the knn score (Sun et al. 2022): the cosine of the backbone "
+                        "(segmentation: decoder) features to the K-th nearest of 20,000 training images (pixels)")
     p.set_defaults(func=run)
 
 
@@ -52,7 +55,7 @@ def run(args) -> dict:
     from ..runs import test
     config, checkpoint, overrides = split_inputs(args, "test")
     cfg, result, classes, info = test(config, checkpoint, overrides, args.split, args.metrics, args.ood, args.out,
-                                       args.ood_pixels)
+                                       args.ood_pixels, args.knn)
     if info.is_main:
         _print_details(cfg, result, classes)
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}), flush=True)
