@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json  # noqa: E402  (also puts this checkout's dnc first on the path)
+from common import extract_once, write_json  # noqa: E402  (also puts this checkout's dnc first on the path)
 from openset import load_run, run_dnc  # noqa: E402
 from openset_posthoc import summarise  # noqa: E402
 
@@ -56,13 +55,7 @@ T_SWEEP = (0.01, 0.02, 0.05, 0.1, 0.2)
 
 def lay_out(archives: list, work: Path) -> Path:
     """``W/data/camvid/{train,val,test}``: links to the train split, and to the two halves of the val split."""
-    raw, root = (work / "data" / "raw").resolve(), (work / "data" / "camvid").resolve()
-    if not raw.is_dir():
-        tmp = raw.with_name("raw.partial")
-        for archive in archives:
-            with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
-        tmp.rename(raw)
+    raw, root = extract_once(archives, work / "data" / "raw"), (work / "data" / "camvid").resolve()
     if (root / "test").is_dir():
         return root
     frames = sorted((raw / "val" / "images").glob("*.jpg"))

@@ -25,13 +25,12 @@ import json
 import math
 import statistics
 import sys
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json  # noqa: E402  (also puts this checkout's dnc first on the path)
+from common import extract_once, write_json  # noqa: E402  (also puts this checkout's dnc first on the path)
 from openset import run_dnc  # noqa: E402
 
 from dnc.data.segmentation import CAMVID_CLASSES as CLASSES  # noqa: E402
@@ -43,13 +42,7 @@ ITERS, VAL_IMAGES = 300, 8
 
 def lay_out(archives: list, work: Path, held_out: str) -> Path:
     """``W/data/<held_out>``: links to the held-out sequence's images as ``test``, the others' as ``train``."""
-    raw = (work / "data" / "raw").resolve()
-    if not raw.is_dir():
-        tmp = raw.with_name("raw.partial")
-        for archive in archives:
-            with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
-        tmp.rename(raw)
+    raw = extract_once(archives, work / "data" / "raw")
     root = (work / "data" / held_out).resolve()
     if (root / "val").is_dir():
         return root

@@ -2,6 +2,7 @@
 and the description of the machine and the code measured.
 
 * :func:`use_checkout` puts ``src/`` first on ``sys.path`` (the figures are of this code);
+* :func:`extract_once` (data archives, extracted once);
 * :func:`parser` builds an ``ArgumentParser`` with ``--device``, ``--threads`` and ``--out`` as wanted;
   :func:`set_threads`, :func:`write_json` (atomic);
 * :class:`Clock` (CUDA events or ``perf_counter``), :class:`Peak` (peak memory of one call),
@@ -19,6 +20,7 @@ import os
 import platform
 import statistics
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -57,6 +59,18 @@ def set_threads(n: int) -> None:
     """``--threads``: torch's CPU threads (0: torch's choice)."""
     if n:
         torch.set_num_threads(n)
+
+
+def extract_once(archives, dest: Path) -> Path:
+    """Extract ``archives`` into ``dest`` unless it exists (through ``dest.partial``: never half-done)."""
+    dest = Path(dest).resolve()
+    if not dest.is_dir():
+        tmp = dest.with_name(dest.name + ".partial")
+        for archive in archives:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        tmp.rename(dest)
+    return dest
 
 
 def write_json(path, obj) -> None:

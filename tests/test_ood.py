@@ -212,16 +212,21 @@ def test_calibrate_refuses_to_overwrite_its_input_and_a_bad_score(models, capsys
     assert dnc.read_bytes() == before
 
 
+def _tiny_segmenter(num_classes: int, k: int) -> tuple:
+    """``(cfg, model)``: a ResNet-18 FCN segmenter with a DNC head of ``k`` sub-centroids, seeded, in eval mode."""
+    cfg = from_dict(Config, {"task": "segmentation", "data": {"dataset": "camvid", "num_classes": num_classes, "scale": None},
+                             "model": {"backbone": "resnet18", "decoder": "fcn", "decoder_channels": 16,
+                                       "dnc": {"num_subcentroids": k}}, "train": {"iters": 1}})
+    torch.manual_seed(0)
+    return cfg, build_model(cfg, pretrained="").eval()
+
+
 def test_pixel_scores_of_every_kind_and_the_report_without_left_out_pixels():
     """``pixel_score_maps``: the default map is ``pixel_outputs``'s, the logit scores are those of the upsampled
     logits; a split without a pixel of the left-out classes is refused by name."""
     from dnc.data.segmentation import LEFT_OUT_INDEX
     from dnc.ood import pixel_ood_report, pixel_score_maps
-    cfg = from_dict(Config, {"task": "segmentation", "data": {"dataset": "camvid", "num_classes": 3, "scale": None},
-                             "model": {"backbone": "resnet18", "decoder": "fcn", "decoder_channels": 16,
-                                       "dnc": {"num_subcentroids": 2}}, "train": {"iters": 1}})
-    torch.manual_seed(0)
-    model = build_model(cfg, pretrained="").eval()
+    _, model = _tiny_segmenter(3, 2)
     x = torch.randn(2, 3, 32, 40)
     maps = pixel_score_maps(model, x, (30, 36))
     logits, _, cosine = pixel_outputs(model, x, (30, 36))
@@ -238,11 +243,7 @@ def test_pixel_scores_of_every_kind_and_the_report_without_left_out_pixels():
 
 
 def test_segmenter_score_map_and_predict_writes_it(tmp_path):
-    cfg = from_dict(Config, {"task": "segmentation", "data": {"dataset": "camvid", "num_classes": 4, "scale": None},
-                             "model": {"backbone": "resnet18", "decoder": "fcn", "decoder_channels": 16,
-                                       "dnc": {"num_subcentroids": 3}}, "train": {"iters": 1}})
-    torch.manual_seed(0)
-    model = build_model(cfg, pretrained="").eval()
+    cfg, model = _tiny_segmenter(4, 3)
     x = torch.randn(2, 3, 48, 64)
     score = pixel_scores(model, x, (40, 52))
     with torch.no_grad():
