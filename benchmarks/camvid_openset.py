@@ -17,6 +17,7 @@ Per run and half, ``dnc test --split S --ood-pixels`` gives AUROC and FPR at 95%
 ``maxlogit``, ``energy``; DNC: ``cosine``, ``subenergy`` at the head's temperature) and the closed-set
 mIoU. This script adds the scores with settings, from the decoder's pixel features: ``knn`` (Sun et al.
 2022: the cosine to the k-th nearest of 20,000 known training pixels, L2-normalised decoder features),
+``knn_enc`` (the same on the encoder's last level, the decoder's input, at the same pixels),
 and for DNC heads ``subenergy`` at other temperatures, ``knn_z`` (the same in the head's unit embedding),
 ``cos_knn`` (cosine + knn_z) and ``cos_knnf`` (cosine + knn). Scores are computed at the decoder's resolution and upsampled
 bilinearly to the mask, as the library's are. The best setting of each family and the best family of
@@ -99,27 +100,30 @@ def ood_test(root: Path, run_dir: Path, seed: int, split: str, extra: list, log:
 
 @torch.no_grad()
 def pixel_features(model, loader, bank: int = 0) -> tuple:
-    """Decoder features ``(P, D)`` and, for a DNC head, head embeddings, of every decoder pixel of the loader,
-    with the masks at full size; with ``bank`` instead a random sample of that many known pixels (labels
-    taken at the decoder's resolution, nearest)."""
-    feats, embeds, masks, shapes = [], [], [], []
+    """Unit decoder features ``(P, D)``, unit encoder features (its last level, at the decoder's resolution)
+    and, for a DNC head, head embeddings, of every decoder pixel of the loader, with the masks at full size;
+    with ``bank`` instead a random sample of that many known pixels (labels at the decoder's resolution,
+    nearest)."""
+    feats, encoded, embeds, masks, shapes = [], [], [], [], []
     head = model.head.head
     for images, target, *_ in loader:
-        x = model.decoder(model.encoder(images))
+        levels = model.encoder(images)
+        x = model.decoder(levels)
         b, d, h, w = x.shape
-        f = x.permute(0, 2, 3, 1).reshape(-1, d)
+        f, e = x.permute(0, 2, 3, 1).reshape(-1, d), levels[-1].permute(0, 2, 3, 1).flatten(0, 2)
         if bank:
             small = F.interpolate(target[:, None].float(), size=(h, w), mode="nearest")[:, 0].long().flatten()
-            f = f[small < len(KNOWN)]
+            f, e = f[small < len(KNOWN)], e[small < len(KNOWN)]
         feats.append(f)
+        encoded.append(e)
         embeds.append(head.embed(f) if hasattr(head, "centroids") else f[:, :0])
         masks.append(target)
         shapes.append((b, h, w))
-    feats, embeds = torch.cat(feats), torch.cat(embeds)
+    feats, encoded, embeds = torch.cat(feats), torch.cat(encoded), torch.cat(embeds)
     if bank:
         pick = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:bank]
-        return F.normalize(feats[pick], dim=1), embeds[pick]
-    return F.normalize(feats, dim=1), embeds, masks, shapes
+        return F.normalize(feats[pick], dim=1), F.normalize(encoded[pick], dim=1), embeds[pick]
+    return F.normalize(feats, dim=1), F.normalize(encoded, dim=1), embeds, masks, shapes
 
 
 def to_pixels(score: torch.Tensor, masks: list, shapes: list) -> tuple:
@@ -144,12 +148,13 @@ def knn_family(run_dir: Path) -> dict:
     def loader(split: str):
         return build_eval_loader(cfg, build_eval_split(cfg, split, mark_left_out=True)[0], DistInfo(0, 1, torch.device("cpu")))
 
-    bank_f, bank_z = pixel_features(model, loader("train"), BANK)
+    bank_f, bank_e, bank_z = pixel_features(model, loader("train"), BANK)
     out = {}
     for split in ("val", "test"):
-        feats, embeds, masks, shapes = pixel_features(model, loader(split))
-        near = knn_topk(feats, bank_f, max(K_SWEEP))
+        feats, encoded, embeds, masks, shapes = pixel_features(model, loader(split))
+        near, near_e = knn_topk(feats, bank_f, max(K_SWEEP)), knn_topk(encoded, bank_e, max(K_SWEEP))
         scores = {f"knn k={k}": near[:, k - 1] for k in K_SWEEP}
+        scores.update({f"knn_enc k={k}": near_e[:, k - 1] for k in K_SWEEP})
         if hasattr(head, "centroids"):
             sims = head.centroids.similarities(embeds).float()
             cos = sims.flatten(1).amax(1)
