@@ -112,7 +112,7 @@ def pixel_features(model, loader, bank: int = 0) -> tuple:
         b, d, h, w = x.shape
         f, e = x.permute(0, 2, 3, 1).reshape(-1, d), levels[-1].permute(0, 2, 3, 1).flatten(0, 2)
         if bank:
-            small = F.interpolate(target[:, None].float(), size=(h, w), mode="nearest")[:, 0].long().flatten()
+            small = model.resize_labels(target, (h, w)).flatten()
             f, e = f[small < len(KNOWN)], e[small < len(KNOWN)]
         feats.append(f)
         encoded.append(e)

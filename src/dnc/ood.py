@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from .embedding import head_of
 from .files import check_output
+from .models.decoders import resize
 
 __all__ = ["SCORES", "PIXEL_SCORES", "default_score", "subcentroid_energy", "knn_topk", "knn_scores", "image_scores", "score_loader",
            "pixel_outputs", "pixel_scores", "pixel_score_maps", "auroc", "threshold_at_tpr", "fpr_at_tpr", "ood_report",
@@ -131,14 +132,10 @@ def _pixel_forward(model: nn.Module, images: torch.Tensor) -> tuple:
     return feats, logits, head.centroids.similarities(head.embed(feats)).float()
 
 
-def _up(x: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(out_size), mode="bilinear", align_corners=False)
-
-
 def _pixel_map(values: torch.Tensor, logits: torch.Tensor, out_size: Sequence[int]) -> torch.Tensor:
     """``(B, H, W)``: one value per decoder pixel (``(B*h*w,)``, as ``logits`` is laid out) upsampled to ``out_size``."""
     b, _, h, w = logits.shape
-    return _up(values.view(b, 1, h, w), out_size)[:, 0]
+    return resize(values.view(b, 1, h, w), out_size)[:, 0]
 
 
 def pixel_outputs(model: nn.Module, images: torch.Tensor, out_size: Sequence[int]) -> tuple:
@@ -147,7 +144,7 @@ def pixel_outputs(model: nn.Module, images: torch.Tensor, out_size: Sequence[int
     logits upsampled bilinearly) and its :func:`pixel_scores`."""
     with torch.no_grad():
         _, logits, sims = _pixel_forward(model, images)
-        up = _up(logits, out_size)
+        up = resize(logits, out_size)
         if sims is None:
             return logits, up.argmax(1), up.softmax(1).amax(1)
         return logits, up.argmax(1), _pixel_map(sims.flatten(1).amax(1), logits, out_size)
@@ -168,7 +165,7 @@ def pixel_score_maps(model: nn.Module, images: torch.Tensor, out_size: Sequence[
     (:func:`feature_bank`), ``knn`` of each decoder pixel's features, upsampled too."""
     with torch.no_grad():
         feats, logits, sims = _pixel_forward(model, images)
-        maps = _logit_scores(_up(logits, out_size))
+        maps = _logit_scores(resize(logits, out_size))
         if bank is not None:
             maps["knn"] = _pixel_map(knn_scores(F.normalize(feats.float(), dim=-1), bank, k), logits, out_size)
         if sims is not None:
@@ -199,7 +196,7 @@ def feature_bank(cfg, model: nn.Module, device: torch.device, size: int = KNN_BA
                 parts.append(model.features(images.to(device)).float())
                 continue
             feats, logits, _ = _pixel_forward(model, images.to(device))
-            labels = F.interpolate(targets[:, None].float(), size=logits.shape[-2:], mode="nearest").long().flatten()
+            labels = model.resize_labels(targets, logits.shape[-2:]).flatten()
             feats = feats[(labels < cfg.data.num_classes).to(device)].float()
             parts.append(feats[torch.randperm(len(feats), generator=generator)[: per_image * len(images)].to(device)])
     if not parts or not sum(len(p) for p in parts):

@@ -185,7 +185,7 @@ def test(config: Optional[str], checkpoint: str, overrides: Sequence[str] = (), 
     loader = build_eval_loader(cfg, dataset, info)
     extra = {}
     bank = None
-    if knn and (ood or ood_pixels):
+    if knn:  # checked above: with --ood or --ood-pixels
         from .ood import feature_bank
         bank = feature_bank(cfg, model.to(info.device), info.device)
     if ood:

@@ -49,7 +49,9 @@ class Segmenter(nn.Module):
     def head_module(self) -> nn.Module:
         return self.head.head
 
-    def _resize_labels(self, masks: torch.Tensor, size) -> torch.Tensor:
+    @staticmethod
+    def resize_labels(masks: torch.Tensor, size) -> torch.Tensor:
+        """``(B, h, w)`` labels of ``masks (B, H, W)`` at ``size`` (nearest: the label of a decoder pixel)."""
         return F.interpolate(masks[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
     def _ce(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,7 @@ class Segmenter(nn.Module):
         x = self.decoder(feats)
         if masks is None:
             return self.head(x)
-        logits, losses = self.head(x, self._resize_labels(masks, x.shape[-2:]))
+        logits, losses = self.head(x, self.resize_labels(masks, x.shape[-2:]))
         losses = {"ce": self._ce(logits, masks), **losses}
         if self.aux_weight:
             losses["aux"] = self.aux_weight * self._ce(self.aux(feats), masks)
@@ -76,7 +78,7 @@ class Segmenter(nn.Module):
         x = self.decoder(self.encoder(images))
         b, d, h, w = x.shape
         z = self.head.head.embed(x.permute(0, 2, 3, 1).reshape(-1, d))
-        y = self._resize_labels(masks, (h, w)).reshape(-1)
+        y = self.resize_labels(masks, (h, w)).reshape(-1)
         keep = (y != self.ignore_index).reshape(b, -1) & (torch.rand(b, h * w, device=y.device).argsort(1).argsort(1) < per_image)
         keep = keep.reshape(-1)
         return z[keep], y[keep]
